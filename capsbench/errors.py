@@ -1,0 +1,9 @@
+"""The one exception type the command line turns into a one-line message."""
+
+
+class CapsbenchError(Exception):
+    """A problem the user can fix: the message says what is wrong and what to do.
+
+    The CLI prints ``error: <message>`` and exits with status 2 (no traceback unless
+    ``--debug``). Raise it for bad input, missing or corrupt data, unknown names, NaN loss.
+    """

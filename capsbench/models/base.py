@@ -1,0 +1,55 @@
+"""The one small interface every registered model implements.
+
+A suite never special-cases a model: it calls ``model(x, y)`` to get a :class:`ModelOutput`,
+``model.objective(out, x, y)`` to train and ``model.attack_loss(out, y)`` to attack.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelOutput(NamedTuple):
+    """What a forward pass returns. Only ``scores`` is required of every model."""
+
+    scores: Tensor  # (B, C) class scores: capsule lengths or logits; argmax = prediction
+    capsules: Tensor | None = None  # (B, C, D) class capsules (CapsNet)
+    reconstruction: Tensor | None = None  # (B, H*W) decoder output in [0, 1] (CapsNet)
+    coupling: Tensor | None = None  # (B, N, C) final coupling coefficients (CapsNet)
+    routing_logits: Tensor | None = None  # (B, N, C) final routing logits b (CapsNet)
+
+
+class BenchModel(nn.Module):
+    """Base class: inputs are images in [0, 1] shaped (B, 1, S, S) with S = ``input_size``."""
+
+    input_size: int
+    num_classes: int
+    loss_name: str  # what objective() and attack_loss() compute, for reports
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:  # noqa: D102
+        raise NotImplementedError
+
+    def objective(self, out: ModelOutput, x: Tensor, y: Tensor) -> Tensor:
+        """Scalar training loss (batch mean) for this model's own training protocol."""
+        raise NotImplementedError
+
+    def attack_loss(self, out: ModelOutput, y: Tensor) -> Tensor:
+        """Per-example loss (B,) that white-box attacks increase: the model's own class loss."""
+        raise NotImplementedError
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def predict(out: ModelOutput) -> Tensor:
+    """Predicted class per example, (B,) int64."""
+    return out.scores.argmax(dim=1)
+
+
+@torch.no_grad()
+def count_correct(model: BenchModel, x: Tensor, y: Tensor) -> Tensor:
+    """Number of correct predictions as a 0-dim tensor (no host sync)."""
+    return (predict(model(x)) == y).sum()
