@@ -42,3 +42,14 @@ def list_presets() -> list[dict[str, Any]]:
         cfg = train_config(name)
         rows.append({"preset": name, "steps": cfg.steps, "batch": cfg.batch_size, "description": raw.get("description", "")})
     return rows
+
+
+@LISTS.register("suites")
+def list_suites() -> list[dict[str, Any]]:
+    from capsbench.runner import known_suites, read_suite
+
+    rows = []
+    for name, path in known_suites().items():
+        raw = read_suite(path)
+        rows.append({"suite": name, "parts": ", ".join(raw.get("parts", [])), "description": raw.get("description", "")})
+    return rows

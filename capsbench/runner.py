@@ -1,0 +1,252 @@
+"""`python -m capsbench run SUITE`: resolve the suite config, train or reuse the models, run the
+parts, and write a new run folder (config.toml, env.json, tables/, plots/, summary.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capsbench import atomic
+from capsbench.config import deep_merge, from_dict, parse_sets, to_toml
+from capsbench.device import amp_dtype, describe, resolve_device
+from capsbench.errors import CapsbenchError
+from capsbench.suites.base import PARTS, Check, PartResult, RunContext
+from capsbench.train.config import TrainConfig, train_config
+
+TOP_KEYS = {"description", "models", "parts", "seed", "test_n", "train", "model", "preset"}
+
+
+def suite_dirs() -> list[Path]:
+    """Where suite names are looked up: the repository's suites/ (next to the package), then ./suites."""
+    here = Path(__file__).resolve().parent.parent / "suites"
+    return list(dict.fromkeys([here, Path.cwd() / "suites"]))
+
+
+def known_suites() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in suite_dirs():
+        for p in sorted(d.glob("*.toml")) if d.is_dir() else []:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def find_suite(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise CapsbenchError(f"suite file {p} does not exist")
+        return p
+    suites = known_suites()
+    if name_or_path not in suites:
+        raise CapsbenchError(f"unknown suite {name_or_path!r}; known suites: {', '.join(suites) or '(none)'}")
+    return suites[name_or_path]
+
+
+def read_suite(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise CapsbenchError(f"suite file {path} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CapsbenchError(f"cannot read suite file {path}: {e}") from None
+
+
+@dataclass
+class Resolved:
+    """A fully checked suite configuration; ``as_dict`` is what config.toml records."""
+
+    name: str
+    description: str
+    preset: str
+    device: torch.device
+    train: TrainConfig
+    models: dict[str, dict[str, Any]]  # name -> model options
+    parts: dict[str, Any]  # part name -> its config dataclass
+    test_n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "suite": self.name, "description": self.description, "preset": self.preset,
+            "device": str(self.device), "seed": self.train.seed, "test_n": self.test_n,
+            "models": list(self.models), "parts": list(self.parts), "train": asdict(self.train),
+            "model": self.models, **{k: asdict(v) for k, v in self.parts.items()},
+        }  # fmt: skip
+
+
+def _check_list(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise CapsbenchError(f"{key} must be a non-empty list of names, got {value!r}")
+    return value
+
+
+def resolve(raw: dict[str, Any], name: str, args: argparse.Namespace) -> Resolved:
+    """Layers: suite file, its [preset.<name>] table, then --set / --models / --seed."""
+    from capsbench.models import MODELS, model_options
+    from capsbench.trainer_cli import default_preset
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    preset = args.preset or default_preset(device)
+    presets = raw.get("preset", {})
+    if not isinstance(presets, dict):
+        raise CapsbenchError("suite key 'preset' must be a table of per-preset overrides")
+    merged = deep_merge({k: v for k, v in raw.items() if k != "preset"}, presets.get(preset, {}))
+    merged = deep_merge(merged, parse_sets(args.set))
+    if args.models:
+        merged["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(merged) - TOP_KEYS - set(PARTS.names()))
+    if unknown:
+        allowed = ", ".join(sorted(TOP_KEYS - {"preset"}) + PARTS.names())
+        raise CapsbenchError(f"unknown suite key {unknown[0]!r}; allowed top-level keys: {allowed}")
+    train_over = dict(merged.get("train", {}))
+    seed = args.seed if args.seed is not None else merged.get("seed", train_over.get("seed", 0))
+    train_over["seed"] = seed
+    train = train_config(preset, **train_over)
+    models = {}
+    model_tables = merged.get("model", {})
+    for m in _check_list(merged.get("models"), "models"):
+        MODELS.get(m)
+        models[m] = model_options(m, **{"input_size": train.input_size, **model_tables.get(m, {})})
+    stray = sorted(set(model_tables) - set(models))
+    if stray:
+        raise CapsbenchError(f"[model.{stray[0]}] configures a model the suite does not run ({', '.join(models)})")
+    parts = {}
+    for p in _check_list(merged.get("parts"), "parts"):
+        cfg_cls, _ = PARTS.get(p)
+        parts[p] = from_dict(cfg_cls, merged.get(p, {}), where=p)
+    for p in set(PARTS.names()) - set(parts):
+        if p in merged:  # validate tables of parts not run, so typos never pass silently
+            from_dict(PARTS.get(p)[0], merged[p], where=p)
+    test_n = merged.get("test_n", 10000)
+    if not isinstance(test_n, int) or isinstance(test_n, bool) or test_n < 0:
+        raise CapsbenchError(f"test_n must be an integer >= 0 (0 = the whole test set), got {test_n!r}")
+    return Resolved(name, str(merged.get("description", "")), preset, device, train, models, parts, test_n)
+
+
+def new_run_folder(suite: str, out: str | None) -> Path:
+    """A fresh folder; an existing non-empty --out is refused (results are never overwritten)."""
+    if out:
+        folder = Path(out)
+        if folder.exists() and any(folder.iterdir()):
+            raise CapsbenchError(f"--out {folder} already holds files; results are never overwritten, choose a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    root = Path("results") / suite
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = root / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def print_plan(r: Resolved) -> None:
+    t = r.train
+    quick = "" if r.preset == "full" else "  (not comparable to the paper's protocol)"
+    print(f"suite {r.name}: {r.description}")
+    print(f"  preset {r.preset}{quick}; device {describe(r.device)}; seed {t.seed}")
+    print(f"  training: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
+          f"{f' (canvas {t.canvas}x{t.canvas})' if t.augment == 'canvas' else f' (+-{t.max_shift} px)' if t.augment == 'shift' else ''},"
+          f" input {t.input_size}x{t.input_size}")  # fmt: skip
+    print(f"  models: {', '.join(r.models)}; parts: {', '.join(r.parts)}")
+
+
+def write_table(folder: Path, name: str, df) -> str:
+    rel = f"tables/{name}.csv"
+    atomic.write_with(folder / rel, lambda tmp: df.to_csv(tmp, index=False))
+    return rel
+
+
+def write_figure(folder: Path, name: str, fig) -> str:
+    rel = f"plots/{name}.png"
+    atomic.write_with(folder / rel, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    return rel
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from capsbench.suites import load_parts
+
+    load_parts()
+    path = find_suite(args.suite)
+    r = resolve(read_suite(path), path.stem, args)
+    print_plan(r)
+    folder = new_run_folder(r.name, args.out)
+    started = time.perf_counter()
+    atomic.write_text(folder / "config.toml", to_toml(r.as_dict()))
+    env = run_environment(r, args)
+    atomic.write_text(folder / "env.json", json.dumps(env, indent=2, default=str))
+    models, ctx = prepare(r, args)
+    clean = clean_table(ctx)
+    files = [write_table(folder, "clean", clean)]
+    results: dict[str, PartResult] = {}
+    for part, cfg in r.parts.items():
+        t0 = time.perf_counter()
+        res = PARTS.get(part)[1](ctx, cfg)
+        files += [write_table(folder, n, df) for n, df in res.tables.items()]
+        files += [write_figure(folder, n, fig) for n, fig in res.figures.items()]
+        results[part] = res
+        print(f"  {part}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    wall = time.perf_counter() - started
+    from capsbench.summary import render_summary
+
+    atomic.write_text(folder / "summary.md", render_summary(r, env, models, clean, results, files, wall))
+    for check in (c for res in results.values() for c in res.checks if not c.passed):
+        print(f"warning: sanity check failed: {check.name}: {check.detail}", file=sys.stderr)
+    print(f"done in {wall:.0f}s; summary: {folder / 'summary.md'}")
+    print(folder)
+    return 0
+
+
+def run_environment(r: Resolved, args: argparse.Namespace) -> dict[str, Any]:
+    from capsbench.env import environment
+
+    env = environment(r.device)
+    env.update({"suite": r.name, "preset": r.preset, "seed": r.train.seed, "started_utc": datetime.now(timezone.utc).isoformat()})
+    return env
+
+
+def prepare(r: Resolved, args: argparse.Namespace):
+    """Load MNIST, train or fetch every model from the cache, build the RunContext."""
+    from capsbench.data import load_mnist
+    from capsbench.train.cache import get_trained
+
+    data = load_mnist(args.data_dir)
+    models = {}
+    for name, options in r.models.items():
+        t0 = time.perf_counter()
+        tm = get_trained(name, r.train, r.device, options, root=args.data_dir, progress=not args.no_progress, data=data)
+        how = "cached" if tm.cached else f"trained in {time.perf_counter() - t0:.0f}s"
+        print(f"  {name}: {how}, test accuracy {tm.test_accuracy:.4f} (n={tm.meta['test_n']})", file=sys.stderr)
+        models[name] = tm
+    n = r.test_n or len(data.test_x)
+    ctx = RunContext(
+        models=models, test_x=data.test_x[:n].to(r.device), test_y=data.test_y[:n].to(r.device),
+        train_cfg=r.train, device=r.device, dtype=amp_dtype(r.device, r.train.amp), seed=r.train.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    return models, ctx
+
+
+def clean_table(ctx: RunContext):
+    """Clean test accuracy of every model on the run's test images."""
+    import pandas as pd
+
+    from capsbench.train.loop import evaluate
+
+    rows = []
+    for name, tm in ctx.models.items():
+        acc, n = evaluate(tm.model, ctx.test_x, ctx.test_y, ctx.test_inputs, dtype=ctx.dtype)
+        rows.append({"model": name, "accuracy": acc, "n": n, "seed": ctx.seed})
+    return pd.DataFrame(rows)

@@ -1,0 +1,63 @@
+"""What a suite part receives and returns.
+
+A part is a function ``part(ctx: RunContext, cfg: <PartConfig>) -> PartResult`` registered in
+``PARTS`` with its config dataclass. It returns flat rows (DataFrames) and figures; the runner
+writes them atomically into the run folder and builds summary.md from the parts' sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from capsbench.registry import Registry
+from capsbench.train.config import TrainConfig
+
+
+@dataclass
+class Check:
+    """A sanity check shown in the summary; a failing one is also printed as a warning."""
+
+    name: str
+    passed: bool
+    detail: str  # the numbers behind the verdict
+
+
+@dataclass
+class PartResult:
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # name -> rows, saved as tables/<name>.csv
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib Figure, saved as plots/<name>.png
+    summary: str = ""  # a Markdown section for summary.md (tables, notes)
+    checks: list[Check] = field(default_factory=list)
+
+
+@dataclass
+class RunContext:
+    """Everything a part needs: trained models, test data on the device, the protocol, the seed."""
+
+    models: dict[str, Any]  # name -> capsbench.train.cache.TrainedModel (eval mode, on device)
+    test_x: Tensor  # (N, 28, 28) uint8 test digits on the device
+    test_y: Tensor  # (N,) int64 labels on the device
+    train_cfg: TrainConfig  # the protocol the models were trained under (input size, canvas)
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype for evaluation (None = fp32)
+    seed: int
+    progress: bool = True
+
+    @property
+    def input_size(self) -> int:
+        return self.train_cfg.input_size
+
+    def test_inputs(self, x_u8: Tensor) -> Tensor:
+        """Raw digits -> model inputs (B, 1, S, S) in [0, 1]: 28x28, or centred on the canvas."""
+        from capsbench.train.loop import test_inputs
+
+        return test_inputs(self.train_cfg, x_u8)
+
+
+PartFn = Callable[[RunContext, Any], PartResult]
+PARTS: Registry[tuple[type, PartFn]] = Registry("suite part")
