@@ -34,7 +34,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "capsbench": capsbench.__version__,
         "git_commit": git_commit(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "device": str(device),
         "device_name": describe(device),

@@ -84,7 +84,8 @@ def get_trained(
             "train_images_per_s": result.train_images_per_s, "params": model.num_params(),
             "history": result.history, "created_unix": started, "env": environment(device),
         }  # fmt: skip
+        meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only
         checkpoint.save(final, {"model": model.state_dict(), "meta": meta})
-        atomic.write_text(folder / "meta.json", json.dumps(meta, indent=2, default=str))
+        atomic.write_text(folder / "meta.json", json.dumps(meta, indent=2))
         (folder / "checkpoint.pt").unlink(missing_ok=True)
         return TrainedModel(name, model.eval(), meta, cached=False)

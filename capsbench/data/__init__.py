@@ -1,0 +1,6 @@
+"""MNIST data (``load_mnist``) and batched on-device augmentations (``augment``)."""
+
+from capsbench.data import augment
+from capsbench.data.mnist import MNIST, cache_dir, fetch_mnist, load_mnist, mnist_info
+
+__all__ = ["MNIST", "augment", "cache_dir", "fetch_mnist", "load_mnist", "mnist_info"]

@@ -1,0 +1,41 @@
+"""Shared fixtures: synthetic digit data (no disk, no network) and a temp cache folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+@dataclass(frozen=True)
+class FakeMNIST:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str = "synthetic"
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Easily separable 28x28 uint8 'digits': class k is a bright 6x6 block at position k, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randint(0, 40, (n, 28, 28), generator=g, dtype=torch.uint8)
+    for k in range(10):
+        r, c = 4 + 7 * (k // 4), 4 + 6 * (k % 4)
+        x[y == k, r : r + 6, c : c + 6] = 255
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def fake_mnist() -> FakeMNIST:
+    tx, ty = synthetic_digits(2048, 0)
+    vx, vy = synthetic_digits(256, 1)
+    return FakeMNIST(tx, ty, vx, vy)
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSBENCH_DATA_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -1,0 +1,85 @@
+"""Command-line behaviour: help everywhere, one-line errors with exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capsbench.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capsbench", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["list"], ["data"], ["data", "info"], ["data", "fetch"], ["train"], ["run"]],
+)
+def test_every_command_has_help(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_list_models_shows_exact_counts(capsys):
+    assert main(["list", "models"]) == 0
+    out = capsys.readouterr().out
+    assert "8,215,568" in out and "35,445,522" in out and "8,206,090" in out
+
+
+def test_list_suites_and_presets(capsys):
+    assert main(["list", "suites"]) == 0
+    out = capsys.readouterr().out
+    for name in ("robustness", "affine", "adversarial", "throughput"):
+        assert name in out
+    assert main(["list", "presets"]) == 0
+    assert "smoke" in capsys.readouterr().out
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["train", "capsule"], ["unknown model 'capsule'", "capsnet, cnn-paper, cnn-pooled"]),
+        (["train", "capsnet", "--preset", "huge"], ["unknown preset 'huge'", "smoke"]),
+        (["train", "capsnet", "--set", "train.stepz=3"], ["unknown key train.stepz", "steps"]),
+        (["train", "capsnet", "--set", "train.steps=many"], ["train.steps: expected int", "many"]),
+        (["train", "capsnet", "--set", "train.batch_size=0"], ["batch_size must be > 0"]),
+        (["run", "nosuchsuite"], ["unknown suite 'nosuchsuite'", "robustness"]),
+        (["run", "robustness", "--set", "colour=1"], ["unknown suite key 'colour'"]),
+        (["run", "robustness", "--models", "capsnet,resnet"], ["unknown model 'resnet'"]),
+        (["run", "robustness", "--set", "train.lr=-1"], ["lr must be > 0"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needles, tmp_path):
+    proc = run_cli(*args, "--out", str(tmp_path / "out")) if args[0] == "run" else run_cli(*args)
+    _one_line_error(proc, *needles)
+    assert not (tmp_path / "out").exists()  # refused before any work: nothing written
+
+
+def test_bad_suite_file_is_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("models = [\n")
+    _one_line_error(run_cli("run", str(bad)), "not valid TOML")
+    bad.write_text('models = "capsnet"\nparts = ["affine"]\n')
+    _one_line_error(run_cli("run", str(bad)), "models must be a non-empty list")
+
+
+def test_debug_shows_traceback():
+    proc = run_cli("train", "capsule", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr

@@ -1,0 +1,130 @@
+"""Training: learning happens, resume after interruption is exact, the cache returns the same weights."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from capsbench.errors import CapsbenchError
+from capsbench.models import build_model
+from capsbench.train import checkpoint
+from capsbench.train.cache import cache_key, get_trained
+from capsbench.train.config import train_config
+from capsbench.train.loop import Trainer
+
+CPU = torch.device("cpu")
+TINY_CAPS = dict(conv_channels=16, primary_types=4)
+
+
+def _train(fake, cfg, ckpt=None, seed=0, name="cnn-pooled", opts=None):
+    torch.manual_seed(seed)
+    model = build_model(name, **(opts or {}))
+    return model, Trainer(model, cfg, fake, CPU, ckpt, progress=False).run()
+
+
+def test_training_lifts_accuracy_far_above_chance(fake_mnist):
+    cfg = train_config("smoke", steps=40, test_subset=256)
+    _, result = _train(fake_mnist, cfg, name="capsnet", opts=TINY_CAPS)
+    assert result.test_accuracy > 0.5  # chance is 0.1
+    assert result.steps == 40 and result.train_images_per_s > 0
+
+
+def test_resume_after_interrupt_gives_identical_weights(fake_mnist, tmp_path):
+    cfg = train_config("smoke", steps=12, checkpoint_every=5, log_every=3, test_subset=64)
+    full, _ = _train(fake_mnist, cfg)
+
+    class Killed(Exception):
+        pass
+
+    ckpt = tmp_path / "ckpt.pt"
+    torch.manual_seed(0)
+    model = build_model("cnn-pooled")
+    trainer = Trainer(model, cfg, fake_mnist, CPU, ckpt, progress=False)
+    real_step = trainer.train_step
+
+    def dying_step(idx):  # dies in the middle of step 8, after the checkpoint at step 5
+        if trainer.step == 7:
+            raise Killed
+        return real_step(idx)
+
+    trainer.train_step = dying_step
+    with pytest.raises(Killed):
+        trainer.run()
+    assert checkpoint.load(ckpt)["step"] == 5
+    torch.manual_seed(123)  # a resumed process starts with different global RNG state
+    resumed_model, result = _train(fake_mnist, cfg, ckpt, seed=123)
+    assert result.steps == 12
+    for (k, a), b in zip(full.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_loss_is_a_clear_error(fake_mnist):
+    cfg = train_config("smoke", steps=6, log_every=2, lr=1e30, test_subset=64)
+    with pytest.raises(CapsbenchError, match="diverged: loss is nan at step"):
+        _train(fake_mnist, cfg)
+
+
+def test_protocol_must_match_the_model_input(fake_mnist):
+    with pytest.raises(CapsbenchError, match="does not match the training protocol"):
+        Trainer(build_model("cnn-pooled", input_size=40), train_config("smoke"), fake_mnist, CPU, progress=False)
+
+
+def test_cache_key_depends_on_what_determines_weights():
+    cfg = train_config("smoke")
+    base = cache_key("capsnet", {"a": 1}, cfg, CPU)
+    assert base == cache_key("capsnet", {"a": 1}, train_config("smoke", log_every=7, checkpoint_every=3), CPU)
+    assert base != cache_key("capsnet", {"a": 1}, train_config("smoke", seed=1), CPU)
+    assert base != cache_key("capsnet", {"a": 2}, cfg, CPU)
+    assert base != cache_key("capsnet", {"a": 1}, train_config("smoke", augment="canvas"), CPU)
+    assert base != cache_key("capsnet", {"a": 1}, cfg, torch.device("cuda"))
+
+
+def test_cache_returns_identical_weights_without_training(fake_mnist, cache_root):
+    cfg = train_config("smoke", steps=4, test_subset=64)
+    first = get_trained("capsnet", cfg, CPU, TINY_CAPS, progress=False, data=fake_mnist)
+    second = get_trained("capsnet", cfg, CPU, TINY_CAPS, progress=False, data=None)  # no data needed
+    assert not first.cached and second.cached
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert second.meta["test_accuracy"] == first.meta["test_accuracy"]
+    folder = cache_root / "models" / f"capsnet-{first.meta['key']}"
+    assert sorted(p.name for p in folder.iterdir()) == ["lock", "meta.json", "model.pt"]
+
+
+def test_tampered_cached_model_is_refused(fake_mnist, cache_root):
+    cfg = train_config("smoke", steps=2, test_subset=64)
+    tm = get_trained("cnn-pooled", cfg, CPU, progress=False, data=fake_mnist)
+    path = cache_root / "models" / f"cnn-pooled-{tm.meta['key']}" / "model.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CapsbenchError, match="corrupt"):
+        get_trained("cnn-pooled", cfg, CPU, progress=False, data=fake_mnist)
+
+
+def _train_in_process(root: str, queue) -> None:
+    import os
+
+    os.environ["CAPSBENCH_DATA_DIR"] = root
+    from tests.conftest import FakeMNIST, synthetic_digits
+
+    tx, ty = synthetic_digits(512, 0)
+    vx, vy = synthetic_digits(64, 1)
+    torch.set_num_threads(1)
+    cfg = train_config("smoke", steps=3, test_subset=64)
+    tm = get_trained("capsnet", cfg, CPU, TINY_CAPS, progress=False, data=FakeMNIST(tx, ty, vx, vy))
+    queue.put((tm.cached, tm.model.state_dict()["W"].sum().item()))
+
+
+def test_two_processes_share_one_training_run(cache_root):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_train_in_process, args=(str(cache_root), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(r[0] for r in results) == [False, True]  # one trained, the other waited and reused
+    assert results[0][1] == results[1][1]
