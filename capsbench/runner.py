@@ -187,9 +187,10 @@ def run_command(args: argparse.Namespace) -> int:
     atomic.write_text(folder / "config.toml", to_toml(r.as_dict()))
     env = run_environment(r, args)
     atomic.write_text(folder / "env.json", json.dumps(env, indent=2, default=str))
-    models, ctx = prepare(r, args)
-    clean = clean_table(ctx)
-    files = [write_table(folder, "clean", clean)]
+    trained = any(PARTS.meta(p).get("needs_training", True) for p in r.parts)
+    models, ctx = prepare(r, args, trained)
+    clean = clean_table(ctx) if trained else None
+    files = [write_table(folder, "clean", clean)] if clean is not None else []
     results: dict[str, PartResult] = {}
     for part, cfg in r.parts.items():
         t0 = time.perf_counter()
@@ -217,14 +218,29 @@ def run_environment(r: Resolved, args: argparse.Namespace) -> dict[str, Any]:
     return env
 
 
-def prepare(r: Resolved, args: argparse.Namespace):
-    """Load MNIST, train or fetch every model from the cache, build the RunContext."""
+def untrained(r: Resolved) -> dict[str, Any]:
+    """Freshly initialised models (seeded) for parts whose numbers do not depend on the weights."""
+    from capsbench.models import build_model
+    from capsbench.train.cache import TrainedModel
+
+    models = {}
+    for name, options in r.models.items():
+        torch.manual_seed(r.train.seed)
+        model = build_model(name, **options).to(r.device).eval()
+        meta = {"model": name, "options": options, "params": model.num_params(), "trained": False}
+        models[name] = TrainedModel(name, model, meta, cached=False)
+    return models
+
+
+def prepare(r: Resolved, args: argparse.Namespace, trained: bool = True):
+    """Load MNIST, train or fetch every model from the cache (if the parts need trained
+    weights), and build the RunContext."""
     from capsbench.data import load_mnist
     from capsbench.train.cache import get_trained
 
     data = load_mnist(args.data_dir)
-    models = {}
-    for name, options in r.models.items():
+    models = {} if trained else untrained(r)
+    for name, options in (r.models.items() if trained else []):
         t0 = time.perf_counter()
         tm = get_trained(name, r.train, r.device, options, root=args.data_dir, progress=not args.no_progress, data=data)
         how = "cached" if tm.cached else f"trained in {time.perf_counter() - t0:.0f}s"

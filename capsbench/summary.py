@@ -28,6 +28,9 @@ def models_table(models: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for name, tm in models.items():
         m = tm.meta
+        if not m.get("trained", True):
+            rows.append({"model": name, "params": f"{m['params']:,}", "weights": "untrained (these parts do not depend on them)"})
+            continue
         rows.append({
             "model": name, "params": f"{m['params']:,}", "steps": m["steps"],
             "train time (s)": f"{m['train_seconds']:.0f}", "train img/s": f"{m['train_images_per_s']:.0f}",
@@ -36,7 +39,7 @@ def models_table(models: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def render_summary(r, env: dict[str, Any], models: dict[str, Any], clean: pd.DataFrame,
+def render_summary(r, env: dict[str, Any], models: dict[str, Any], clean: pd.DataFrame | None,
                    results: dict[str, Any], files: list[str], wall: float) -> str:  # fmt: skip
     """The run's summary.md: protocol, models, clean accuracy, each part's section, checks, files."""
     t = r.train
@@ -58,16 +61,19 @@ def render_summary(r, env: dict[str, Any], models: dict[str, Any], clean: pd.Dat
         "",
         markdown_table(models_table(models)),
         "",
-        "## Clean test accuracy",
-        "",
-        "Accuracy with a 95% Wilson interval over the n test images.",
-        "",
-        markdown_table(pd.DataFrame([
-            {"model": row.model, "accuracy [95% CI]": format_accuracy(row.accuracy, int(row.n))}
-            for row in clean.itertuples()
-        ])),  # fmt: skip
-        "",
     ]
+    if clean is not None:
+        out += [
+            "## Clean test accuracy",
+            "",
+            "Accuracy with a 95% Wilson interval over the n test images.",
+            "",
+            markdown_table(pd.DataFrame([
+                {"model": row.model, "accuracy [95% CI]": format_accuracy(row.accuracy, int(row.n))}
+                for row in clean.itertuples()
+            ])),  # fmt: skip
+            "",
+        ]
     for res in results.values():
         if res.summary:
             out += [res.summary.strip(), ""]
