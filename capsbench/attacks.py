@@ -44,6 +44,7 @@ class Attack:
 
     def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None) -> None:
         self.model, self.eps, self.dtype = model, float(eps), dtype
+        self.zero_grads: Tensor | int = 0  # images whose first input gradient was exactly zero
 
     def loss_grad(self, x: Tensor, labels: Tensor) -> Tensor:
         """Gradient of the summed per-example attack loss with respect to the input."""
@@ -52,6 +53,8 @@ class Attack:
             out = self.model(x)
         loss = self.model.attack_loss(out, labels).float().sum()
         (grad,) = torch.autograd.grad(loss, x)
+        if isinstance(self.zero_grads, int):  # first gradient only: a gradient-masking diagnostic
+            self.zero_grads = (grad.flatten(1).abs().amax(dim=1) == 0).sum()
         return grad
 
     def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:

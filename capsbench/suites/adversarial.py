@@ -56,6 +56,7 @@ class Counts:
         self.correct: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.long, device=device))
         self.hits: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.long, device=device))
         self.n: dict[tuple, int] = defaultdict(int)
+        self.zero_grad: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.long, device=device))
 
     def add(self, key: tuple, pred: Tensor, y: Tensor, target: Tensor | None = None) -> None:
         self.correct[key] += (pred == y).sum()
@@ -88,8 +89,13 @@ def attack_batch(ctx: RunContext, cfg: AdversarialConfig, counts: Counts, x: Ten
     for source, tm in ctx.models.items():
         for attack in attacks:
             labels = targets if attack == "fgsm-targeted" else y
+            first = True
             for eps in cfg.eps:
-                adv = make_attack(attack, tm.model, eps, cfg, ctx.dtype)(x, labels, gen)
+                atk = make_attack(attack, tm.model, eps, cfg, ctx.dtype)
+                adv = atk(x, labels, gen)
+                if attack == "fgsm" and eps > 0 and first:  # the gradient at x is the same for every eps
+                    counts.zero_grad[source] += atk.zero_grads
+                    first = False
                 scored = ctx.models if (cfg.transfer and attack in ("fgsm", "pgd")) else {source: tm}
                 preds = predict_all(ctx, adv, scored)
                 for name, p in preds.items():
@@ -107,10 +113,11 @@ def rows_from(counts: Counts, cfg: AdversarialConfig, seed: int) -> pd.DataFrame
         steps = {"pgd": cfg.pgd_steps, "noise": 0, "clean": 0}.get(attack, 1)
         step_size = (cfg.pgd_step_size or 2.5 * eps / cfg.pgd_steps) if attack == "pgd" else eps
         hits = int(counts.hits[key].item()) if attack == "fgsm-targeted" else None
+        zero = int(counts.zero_grad[model].item()) / n if (attack == "fgsm" and model == source) else math.nan
         rows.append({
             "model": model, "attack": attack, "eps": eps, "accuracy": c / n, "n": n, "source_model": source,
             "seed": seed, "target_success": hits / n if hits is not None else math.nan, "correct": c,
-            "steps": steps, "step_size": step_size,
+            "steps": steps, "step_size": step_size, "zero_grad_frac": zero,
         })  # fmt: skip
     return pd.DataFrame(rows).sort_values(["model", "source_model", "attack", "eps"], ignore_index=True)
 
@@ -174,6 +181,10 @@ def sanity_checks(df: pd.DataFrame, ctx: RunContext, cfg: AdversarialConfig, pgd
             last = pgd.iloc[-1]
             checks.append(Check(f"{model}: PGD accuracy near 0 at the largest eps", bool(last.accuracy < 0.10),
                                 f"eps {last.eps}: {100 * last.accuracy:.1f}% (FGSM {100 * fgsm.iloc[-1].accuracy:.1f}%)"))  # fmt: skip
+        zero = float(curves["fgsm"].zero_grad_frac.iloc[0])
+        checks.append(Check(f"{model}: input gradients are non-zero (no gradient masking)", zero < 0.01,
+                            f"{100 * zero:.1f}% of images have an all-zero input gradient of the attack loss; "
+                            "single-step attacks cannot move them, so their robustness may be masking"))  # fmt: skip
         noise = curves["noise"]
         if not noise.empty:
             m = noise.merge(fgsm, on="eps", suffixes=("_noise", "_fgsm"))
