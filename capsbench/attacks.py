@@ -1,9 +1,11 @@
 """White-box L-inf attacks sharing one base (torchattacks-style, without its magic).
 
-The base puts the model in eval mode (restored afterwards), turns off parameter gradients
-(restored; the attack needs input gradients only), clamps to [0, 1], and always climbs the
-model's own per-example ``attack_loss`` summed over the batch, so an example's gradient does
-not depend on the other examples in its batch. eps = 0 returns the input unchanged.
+The base puts the model in eval mode and turns off parameter gradients (both restored
+afterwards; an attack needs input gradients only), moves the inputs to the model's device,
+splits them into batches, and clamps to [0, 1]. Every attack climbs the model's own
+per-example ``attack_loss`` summed over the batch, so an example's gradient does not depend on
+the other examples in its batch. eps = 0 returns the input unchanged, so accuracy at eps = 0
+equals clean accuracy exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def attack_mode(model: BenchModel) -> Iterator[None]:
     flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(False)  # no weight gradients: they cost as much as the input gradient
     try:
         yield
     finally:
@@ -37,43 +39,65 @@ def attack_mode(model: BenchModel) -> Iterator[None]:
         model.train(was_training)
 
 
+def model_device(model: BenchModel) -> torch.device:
+    return next(model.parameters()).device
+
+
 class Attack:
-    """Base: subclasses implement ``perturb`` on a batch; ``__call__`` handles modes and eps = 0."""
+    """Base: subclasses implement ``perturb`` on one batch; ``__call__`` does everything else.
+
+    ``dtype``: autocast dtype for the forward pass (None = fp32); the input and its gradient
+    stay fp32. ``batch_size``: examples per forward/backward pass (None = all at once).
+    """
 
     targeted = False
 
-    def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None) -> None:
-        self.model, self.eps, self.dtype = model, float(eps), dtype
-        self.zero_grads: Tensor | int = 0  # images whose first input gradient was exactly zero
+    def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None,
+                 batch_size: int | None = None) -> None:  # fmt: skip
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.model, self.eps, self.dtype, self.batch_size = model, float(eps), dtype, batch_size
+        # Images whose first input gradient is exactly zero (a gradient-masking diagnostic):
+        # a 0-dim device tensor after a call with eps > 0, read by the caller when it wants.
+        self.zero_grads: Tensor = torch.zeros((), dtype=torch.long)
+        self._first_grad = False
 
     def loss_grad(self, x: Tensor, labels: Tensor) -> Tensor:
-        """Gradient of the summed per-example attack loss with respect to the input."""
-        x = x.detach().requires_grad_(True)
+        """Gradient (B, 1, S, S) of the summed per-example attack loss with respect to ``x``."""
+        x = x.detach().float().requires_grad_(True)
         with autocast(x.device, self.dtype):
             out = self.model(x)
-        loss = self.model.attack_loss(out, labels).float().sum()
+        loss = self.model.attack_loss(out, labels).float().sum()  # sum: per-example gradients
         (grad,) = torch.autograd.grad(loss, x)
-        if isinstance(self.zero_grads, int):  # first gradient only: a gradient-masking diagnostic
-            self.zero_grads = (grad.flatten(1).abs().amax(dim=1) == 0).sum()
+        if self._first_grad:
+            self.zero_grads = self.zero_grads + (grad.flatten(1).abs().amax(dim=1) == 0).sum()
+            self._first_grad = False
         return grad
 
     def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Adversarial (B, 1, S, S) images in [0, 1] within eps of ``x`` in L-inf. ``labels``:
-        the true classes, or the targets for a targeted attack."""
+        """Adversarial images (B, 1, S, S) in [0, 1], within eps of ``x`` in L-inf. ``labels``:
+        the true classes, or the target classes for a targeted attack."""
         if self.eps == 0:
             return x
+        device = model_device(self.model)
+        x, labels = x.to(device), labels.to(device)
+        self.zero_grads = torch.zeros((), dtype=torch.long, device=device)
+        bs = self.batch_size or len(x)
+        out = []
         with attack_mode(self.model), torch.enable_grad():
-            adv = self.perturb(x, labels, generator)
-        return adv.detach().clamp_(0, 1)
+            for i in range(0, len(x), bs):
+                self._first_grad = True
+                out.append(self.perturb(x[i : i + bs].float(), labels[i : i + bs], generator).detach().clamp_(0, 1))
+        return torch.cat(out) if out else x
 
 
 @ATTACKS.register("fgsm")
 class FGSM(Attack):
-    """Fast Gradient Sign Method (Goodfellow et al. 2015), untargeted, L-inf: one step of
-    eps * sign(grad), no random start."""
+    """Fast Gradient Sign Method (Goodfellow et al. 2015), untargeted, L-inf:
+    x + eps * sign(grad_x loss(x, y)), one step, no random start."""
 
     def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
         return x + self.eps * self.loss_grad(x, labels).sign()
@@ -81,7 +105,8 @@ class FGSM(Attack):
 
 @ATTACKS.register("fgsm-targeted")
 class TargetedFGSM(Attack):
-    """Targeted FGSM (Kurakin et al. 2017), L-inf: one step *down* the target class's loss."""
+    """Targeted FGSM (Kurakin et al. 2017), L-inf: one step *down* the target class's loss,
+    x - eps * sign(grad_x loss(x, target))."""
 
     targeted = True
 
@@ -92,14 +117,18 @@ class TargetedFGSM(Attack):
 @ATTACKS.register("pgd")
 class PGD(Attack):
     """Iterative L-inf attack: BIM (Kurakin et al. 2017) by default, i.e. PGD (Madry et al.
-    2018) without a random start; ``random_start=True`` gives Madry's PGD. Each step moves
-    ``step_size`` along the gradient sign, then projects onto the eps-ball and [0, 1]."""
+    2018) without a random start; ``random_start=True`` gives Madry's PGD. Each of ``steps``
+    steps moves ``step_size`` along the gradient sign, then projects onto the eps-ball and
+    [0, 1]. ``step_size=0`` means 2.5 * eps / steps (Madry et al.'s rule)."""
 
-    def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None, steps: int = 10,
-                 step_size: float = 0.0, random_start: bool = False) -> None:  # fmt: skip
-        super().__init__(model, eps, dtype)
+    def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None,
+                 batch_size: int | None = None, steps: int = 10, step_size: float = 0.0,
+                 random_start: bool = False) -> None:  # fmt: skip
+        super().__init__(model, eps, dtype, batch_size)
+        if steps < 1 or step_size < 0:
+            raise ValueError(f"PGD needs steps >= 1 and step_size >= 0, got {steps}, {step_size}")
         self.steps = steps
-        self.step_size = step_size if step_size > 0 else 2.5 * self.eps / steps  # Madry's rule
+        self.step_size = step_size if step_size > 0 else 2.5 * self.eps / steps
         self.random_start = random_start
 
     def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -115,9 +144,9 @@ class PGD(Attack):
 
 @ATTACKS.register("noise")
 class SignNoise(Attack):
-    """Uniform random-sign noise of the attack's size (x + eps * s, s in {-1, +1}): the
+    """Random-sign noise of the attack's size, x + eps * sign(uniform(-1, 1)), L-inf: the
     non-adversarial baseline every attack should beat (Carlini et al. 2019)."""
 
     def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
-        signs = torch.randint(0, 2, x.shape, device=x.device, generator=generator).to(x.dtype) * 2 - 1
-        return x + self.eps * signs
+        u = torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1
+        return x + self.eps * u.sign()

@@ -4,7 +4,7 @@ eps grid, transfer between models, and the sanity checks of Carlini et al. (2019
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import sys
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -12,16 +12,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capsbench.attacks import ATTACKS, PGD
+from capsbench.attacks import ATTACKS, PGD, Attack
 from capsbench.device import autocast
 from capsbench.errors import CapsbenchError
-from capsbench.models import predict
+from capsbench.models import BenchModel, predict
 from capsbench.plots import accuracy_lines, example_grid
-from capsbench.stats import format_accuracy
+from capsbench.stats import wilson_interval
 from capsbench.suites.base import PARTS, Check, PartResult, RunContext
 from capsbench.summary import markdown_table
 
 WHITE_BOX = ("fgsm", "pgd", "noise")
+TRANSFERRED = ("fgsm", "pgd")
 
 
 @dataclass(frozen=True)
@@ -30,243 +31,387 @@ class AdversarialConfig:
     eps: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5])
     pgd_steps: int = 10
     pgd_step_size: float = 0.0  # 0 = 2.5 * eps / steps (Madry et al.)
-    pgd_n: int = 0  # images for the iterative attack; 0 = n
+    pgd_n: int = 0  # images for the iterative attack (steps x dearer); 0 = n
     targeted: bool = True
     noise: bool = True
     transfer: bool = True
-    examples: int = 6  # images in the example figure
+    examples: int = 6  # images in the example figure (0 = no figure)
     batch_size: int = 256
 
     def validate(self, where: str) -> None:
-        if any(not 0 <= e <= 1 for e in self.eps):
+        if not self.eps or any(not 0 <= e <= 1 for e in self.eps):
             raise CapsbenchError(f"{where}.eps values must be in [0, 1] (pixel units), got {self.eps}")
-        if sorted(self.eps) != list(self.eps) or len(set(self.eps)) != len(self.eps) or 0.0 not in self.eps:
-            raise CapsbenchError(f"{where}.eps must be strictly increasing and include 0 (for the eps=0 == clean check), got {self.eps}")
+        if any(b <= a for a, b in zip(self.eps, self.eps[1:])):
+            raise CapsbenchError(f"{where}.eps must be sorted ascending without repeats, got {self.eps}")
+        if 0.0 not in self.eps:
+            raise CapsbenchError(f"{where}.eps must include 0 for the eps=0 == clean check, got {self.eps}")
+        if self.eps[-1] == 0:
+            raise CapsbenchError(f"{where}.eps needs at least one value > 0 to attack with, got {self.eps}")
         for key in ("n", "pgd_steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise CapsbenchError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        if self.pgd_step_size < 0 or self.pgd_n < 0 or self.examples < 0:
-            raise CapsbenchError(f"{where}: pgd_step_size, pgd_n and examples must be >= 0")
+        for key in ("pgd_step_size", "pgd_n", "examples"):
+            if getattr(self, key) < 0:
+                raise CapsbenchError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
+
+    def step_size(self, eps: float) -> float:
+        return self.pgd_step_size or 2.5 * eps / self.pgd_steps
 
 
-class Counts:
-    """Correct-prediction counts kept on the device, keyed by (model, attack, eps, source)."""
+def make_attack(name: str, model: BenchModel, eps: float, cfg: AdversarialConfig, dtype: torch.dtype | None) -> Attack:
+    if name == "pgd":
+        return PGD(model, eps, dtype, cfg.batch_size, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size)
+    return ATTACKS.get(name)(model, eps, dtype, cfg.batch_size)
 
-    def __init__(self, device: torch.device) -> None:
-        self.correct: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.long, device=device))
-        self.hits: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.long, device=device))
-        self.n: dict[tuple, int] = defaultdict(int)
-        self.zero_grad: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.long, device=device))
+
+@torch.no_grad()
+def predictions(ctx: RunContext, models: dict, x: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """Predicted class (N,) of each model on ``x`` (N, 1, S, S), in batches, under autocast."""
+    out = {}
+    for name, tm in models.items():
+        with autocast(ctx.device, ctx.dtype):
+            out[name] = torch.cat([predict(tm.model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+    return out
+
+
+class Tally:
+    """Counts kept on the device, keyed by (model, attack, eps, source): correct predictions,
+    and for targeted attacks predictions equal to the target."""
+
+    def __init__(self) -> None:
+        self.correct: dict[tuple, Tensor] = {}
+        self.hits: dict[tuple, Tensor] = {}
+        self.n: dict[tuple, int] = {}
 
     def add(self, key: tuple, pred: Tensor, y: Tensor, target: Tensor | None = None) -> None:
-        self.correct[key] += (pred == y).sum()
+        self.correct[key] = (pred == y).sum()
         if target is not None:
-            self.hits[key] += (pred == target).sum()
-        self.n[key] += len(y)
+            self.hits[key] = (pred == target).sum()
+        self.n[key] = len(y)
+
+    def put(self, key: tuple, count: Tensor, n: int) -> None:
+        self.correct[key], self.n[key] = count, n
+
+    def read(self) -> dict[tuple, tuple[int, int | None, int]]:
+        """(correct, hits or None, n) per key, read with one host sync."""
+        keys, hit_keys = list(self.correct), list(self.hits)
+        values = torch.stack([self.correct[k] for k in keys] + [self.hits[k] for k in hit_keys]).tolist()
+        hits = dict(zip(hit_keys, values[len(keys) :]))
+        return {k: (c, hits.get(k), self.n[k]) for k, c in zip(keys, values)}
 
 
-def predict_all(ctx: RunContext, x: Tensor, models: dict | None = None) -> dict[str, Tensor]:
-    """Predictions of every model (or of ``models``) on ``x``."""
-    with torch.no_grad(), autocast(ctx.device, ctx.dtype):
-        return {name: predict(tm.model(x)) for name, tm in (models or ctx.models).items()}
+@dataclass
+class Inputs:
+    """The evaluated images and labels; PGD (and its comparisons) use the first ``pgd_n``."""
+
+    x: Tensor  # (n, 1, S, S) in [0, 1]
+    y: Tensor  # (n,) true classes
+    targets: Tensor  # (n,) random target != y, the same for every model
+    pgd_n: int
 
 
-def make_attack(name: str, model, eps: float, cfg: AdversarialConfig, dtype):
-    if name == "pgd":
-        return PGD(model, eps, dtype, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size)
-    return ATTACKS.get(name)(model, eps, dtype)
+def make_inputs(ctx: RunContext, cfg: AdversarialConfig) -> Inputs:
+    n = min(cfg.n, len(ctx.test_x))
+    y = ctx.test_y[:n]
+    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    offset = torch.randint(1, 10, (n,), device=ctx.device, generator=gen)  # 1..9: never the label
+    return Inputs(ctx.test_inputs(ctx.test_x[:n]), y, (y + offset) % 10, min(cfg.pgd_n or n, n))
 
 
-def attack_batch(ctx: RunContext, cfg: AdversarialConfig, counts: Counts, x: Tensor, y: Tensor,
-                 targets: Tensor, gen: torch.Generator, with_pgd: bool) -> None:  # fmt: skip
-    """All attacks at every eps on one batch; crafted examples are scored on every model."""
-    for name, p in predict_all(ctx, x).items():
-        counts.add((name, "clean", 0.0, name), p, y)
-        if with_pgd:  # clean counts on PGD's (smaller) image set, for its eps=0 check
-            counts.add((name, "clean@pgd", 0.0, name), p, y)
-    attacks = ["fgsm"] + (["pgd"] if with_pgd else []) + (["noise"] if cfg.noise else [])
-    attacks += ["fgsm-targeted"] if cfg.targeted else []
-    for source, tm in ctx.models.items():
-        for attack in attacks:
-            labels = targets if attack == "fgsm-targeted" else y
-            first = True
-            for eps in cfg.eps:
-                atk = make_attack(attack, tm.model, eps, cfg, ctx.dtype)
-                adv = atk(x, labels, gen)
-                if attack == "fgsm" and eps > 0 and first:  # the gradient at x is the same for every eps
-                    counts.zero_grad[source] += atk.zero_grads
-                    first = False
-                scored = ctx.models if (cfg.transfer and attack in ("fgsm", "pgd")) else {source: tm}
-                preds = predict_all(ctx, adv, scored)
-                for name, p in preds.items():
-                    counts.add((name, attack, eps, source), p, y, targets if attack == "fgsm-targeted" else None)
+def attack_list(cfg: AdversarialConfig) -> list[str]:
+    return ["fgsm", "pgd"] + (["noise"] if cfg.noise else []) + (["fgsm-targeted"] if cfg.targeted else [])
 
 
-def rows_from(counts: Counts, cfg: AdversarialConfig, seed: int) -> pd.DataFrame:
+def run_attacks(ctx: RunContext, cfg: AdversarialConfig, data: Inputs) -> Tally:
+    """Every attack at every eps on every model; crafted FGSM/PGD examples are scored on all
+    models (transfer). Also counts each model's images with an all-zero input gradient."""
+    tally = Tally()
+    clean = predictions(ctx, ctx.models, data.x, cfg.batch_size)
+    for name, p in clean.items():
+        tally.add((name, "clean", 0.0, name), p, data.y)
+        tally.add((name, "clean@pgd", 0.0, name), p[: data.pgd_n], data.y[: data.pgd_n])
+    jobs = [(s, a, e) for s in ctx.models for a in attack_list(cfg) for e in cfg.eps]
+    noise_gen = torch.Generator(device=ctx.device)
+    for source, attack, eps in tqdm(jobs, desc="adversarial", unit="attack", disable=not ctx.progress, file=sys.stderr):
+        if attack == "noise" and eps == cfg.eps[0]:
+            noise_gen.manual_seed(ctx.seed + 1)  # every model sees the same noise images
+        run_job(ctx, cfg, data, tally, (source, attack, eps), noise_gen)
+    return tally
+
+
+def run_job(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, tally: Tally, job: tuple[str, str, float],
+            gen: torch.Generator) -> None:  # fmt: skip
+    """One (source model, attack, eps): craft the examples, score them, count."""
+    source, attack, eps = job
+    k = data.pgd_n if attack == "pgd" else len(data.y)
+    y, t = data.y[:k], data.targets[:k]
+    atk = make_attack(attack, ctx.models[source].model, eps, cfg, ctx.dtype)
+    adv = atk(data.x[:k], t if attack == "fgsm-targeted" else y, gen)
+    if attack == "fgsm" and eps > 0 and (source, "zero-grad", 0.0, source) not in tally.n:
+        tally.put((source, "zero-grad", 0.0, source), atk.zero_grads, k)  # the gradient at x: same for every eps
+    scored = ctx.models if (cfg.transfer and attack in TRANSFERRED) else {source: ctx.models[source]}
+    preds = predictions(ctx, scored, adv, cfg.batch_size)  # at eps=0 too: the check must be able to fail
+    for name, p in preds.items():
+        tally.add((name, attack, eps, source), p, y, t if attack == "fgsm-targeted" else None)
+        if attack == "fgsm" and name == source:  # FGSM on PGD's images, for the PGD <= FGSM check
+            tally.add((name, "fgsm@pgd", eps, source), p[: data.pgd_n], y[: data.pgd_n])
+
+
+def rows_from(counts: dict, cfg: AdversarialConfig, seed: int) -> pd.DataFrame:
+    """The ``adversarial`` table: one row per (model, attack, eps, source_model)."""
     rows = []
-    for key, correct in counts.correct.items():
-        model, attack, eps, source = key
-        if attack == "clean@pgd":
-            continue
-        n = counts.n[key]
-        c = int(correct.item())
-        steps = {"pgd": cfg.pgd_steps, "noise": 0, "clean": 0}.get(attack, 1)
-        step_size = (cfg.pgd_step_size or 2.5 * eps / cfg.pgd_steps) if attack == "pgd" else eps
-        hits = int(counts.hits[key].item()) if attack == "fgsm-targeted" else None
-        zero = int(counts.zero_grad[model].item()) / n if (attack == "fgsm" and model == source) else math.nan
+    for (model, attack, eps, source), (c, hits, n) in counts.items():
+        if attack not in ATTACKS:
+            continue  # clean and the PGD-subset helper counts are not attack rows
+        zero = counts.get((model, "zero-grad", 0.0, model)) if attack == "fgsm" and model == source else None
         rows.append({
             "model": model, "attack": attack, "eps": eps, "accuracy": c / n, "n": n, "source_model": source,
             "seed": seed, "target_success": hits / n if hits is not None else math.nan, "correct": c,
-            "steps": steps, "step_size": step_size, "zero_grad_frac": zero,
+            "steps": {"pgd": cfg.pgd_steps, "noise": 0}.get(attack, 1),
+            "step_size": cfg.step_size(eps) if attack == "pgd" else eps,
+            "zero_grad_frac": zero[0] / zero[2] if zero else math.nan,
         })  # fmt: skip
     return pd.DataFrame(rows).sort_values(["model", "source_model", "attack", "eps"], ignore_index=True)
 
 
+def clean_rows(counts: dict, models: dict, seed: int) -> pd.DataFrame:
+    """Clean accuracy on the same n images (``adversarial_clean``)."""
+    rows = []
+    for m in models:
+        c, _, n = counts[(m, "clean", 0.0, m)]
+        rows.append({"model": m, "accuracy": c / n, "n": n, "seed": seed, "correct": c})
+    return pd.DataFrame(rows)
+
+
 def run_adversarial(ctx: RunContext, cfg: AdversarialConfig) -> PartResult:
-    n = min(cfg.n, len(ctx.test_x))
-    pgd_n = min(cfg.pgd_n or n, n)
-    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-    y_all = ctx.test_y[:n]
-    offset = torch.randint(1, 10, (n,), device=ctx.device, generator=gen)
-    targets_all = (y_all + offset) % 10  # a random target different from the label, same for every model
-    counts = Counts(ctx.device)
-    batches = range(0, n, cfg.batch_size)
-    for i in tqdm(batches, desc="adversarial", unit="batch", disable=not ctx.progress):
-        j = min(i + cfg.batch_size, n)
-        x, y, t = ctx.test_inputs(ctx.test_x[i:j]), y_all[i:j], targets_all[i:j]
-        if i < pgd_n:  # the iterative attack runs on the first pgd_n images only
-            k = min(pgd_n - i, len(y))
-            attack_batch(ctx, cfg, counts, x[:k], y[:k], t[:k], gen, with_pgd=True)
-            if k < len(y):
-                attack_batch(ctx, cfg, counts, x[k:], y[k:], t[k:], gen, with_pgd=False)
-        else:
-            attack_batch(ctx, cfg, counts, x, y, t, gen, with_pgd=False)
+    data = make_inputs(ctx, cfg)
+    counts = run_attacks(ctx, cfg, data).read()
     df = rows_from(counts, cfg, ctx.seed)
-    pgd_clean = {m: int(counts.correct[(m, "clean@pgd", 0.0, m)].item()) for m in ctx.models}
-    checks = sanity_checks(df, ctx, cfg, pgd_clean)
-    figures = adversarial_figures(df, ctx, cfg)
-    return PartResult({"adversarial": df}, figures, summary(df, ctx, cfg, checks), checks)
+    clean = clean_rows(counts, ctx.models, ctx.seed)
+    checks = sanity_checks(df, counts, list(ctx.models))
+    figures = adversarial_figures(df, ctx, cfg, len(data.y))
+    tables = {"adversarial": df, "adversarial_clean": clean}
+    return PartResult(tables, figures, summary(df, clean, ctx, cfg, data, checks), checks)
 
 
-def _tol(p: float, n: int) -> float:
-    """Two standard errors plus one example: rises smaller than this are noise."""
-    return 2 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)) + 1 / max(n, 1)
+# ---- checks -------------------------------------------------------------------------------
 
 
-def sanity_checks(df: pd.DataFrame, ctx: RunContext, cfg: AdversarialConfig, pgd_clean: dict[str, int]) -> list[Check]:
-    """Carlini et al. (2019) checks, each with its numbers; ``pgd_clean``: clean counts on PGD's images."""
+def _exceeds(a: float, b: float, n: int) -> bool:
+    """Is accuracy ``a`` above ``b`` by more than noise: two standard errors sqrt(p(1-p)/n) of
+    the pooled p = (a+b)/2, plus one example?"""
+    p = (a + b) / 2
+    return a > b + 2 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)) + 1 / max(n, 1)
+
+
+def _pct(p: float) -> str:
+    return f"{100 * p:.1f}%"
+
+
+def zero_eps_checks(df: pd.DataFrame, counts: dict, model: str) -> list[Check]:
+    """eps = 0 must reproduce the clean count exactly, white-box and transferred."""
     checks = []
-    wb = df[df.model == df.source_model]
-    for model in ctx.models:
-        clean = wb[(wb.model == model) & (wb.attack == "clean")].iloc[0]
-        curves = {a: wb[(wb.model == model) & (wb.attack == a)].sort_values("eps") for a in WHITE_BOX + ("fgsm-targeted",)}
-        for attack, c in curves.items():
-            if c.empty:
-                continue
-            zero = c[c.eps == 0.0].iloc[0]
-            ref = int(clean.correct) if zero.n == clean.n else pgd_clean[model]
-            checks.append(Check(f"{model} {attack}: eps=0 equals clean", bool(zero.correct == ref),
-                                f"{zero.correct}/{zero.n} vs clean {ref}/{zero.n}"))  # fmt: skip
-            if attack == "fgsm-targeted":
-                continue
-            rises = [(a, b) for a, b in zip(c.itertuples(), c.iloc[1:].itertuples()) if b.accuracy > a.accuracy + _tol(a.accuracy, b.n)]
-            detail = ", ".join(f"{100 * r.accuracy:.1f}%" for r in c.itertuples())
-            checks.append(Check(f"{model} {attack}: accuracy non-increasing in eps", not rises, f"eps {list(c.eps)}: {detail}"))
-        pgd, fgsm = curves["pgd"], curves["fgsm"]
-        if not pgd.empty:
-            merged = pgd.merge(fgsm, on="eps", suffixes=("_pgd", "_fgsm"))
-            worse = merged[merged.accuracy_pgd > merged.accuracy_fgsm + merged.apply(lambda r: _tol(r.accuracy_fgsm, r.n_pgd), axis=1)]
-            checks.append(Check(f"{model}: PGD <= FGSM at every eps", worse.empty,
-                                ", ".join(f"eps {r.eps}: {100 * r.accuracy_pgd:.1f}% vs {100 * r.accuracy_fgsm:.1f}%" for r in merged.itertuples())))  # fmt: skip
-            last = pgd.iloc[-1]
-            checks.append(Check(f"{model}: PGD accuracy near 0 at the largest eps", bool(last.accuracy < 0.10),
-                                f"eps {last.eps}: {100 * last.accuracy:.1f}% (FGSM {100 * fgsm.iloc[-1].accuracy:.1f}%)"))  # fmt: skip
-        zero = float(curves["fgsm"].zero_grad_frac.iloc[0])
-        checks.append(Check(f"{model}: input gradients are non-zero (no gradient masking)", zero < 0.01,
-                            f"{100 * zero:.1f}% of images have an all-zero input gradient of the attack loss; "
-                            "single-step attacks cannot move them, so their robustness may be masking"))  # fmt: skip
-        noise = curves["noise"]
-        if not noise.empty:
-            m = noise.merge(fgsm, on="eps", suffixes=("_noise", "_fgsm"))
-            ok = bool((m.accuracy_noise + m.apply(lambda r: _tol(r.accuracy_fgsm, r.n_noise), axis=1) >= m.accuracy_fgsm).all())
-            checks.append(Check(f"{model}: random-sign noise hurts less than FGSM", ok,
-                                ", ".join(f"eps {r.eps}: noise {100 * r.accuracy_noise:.1f}% vs FGSM {100 * r.accuracy_fgsm:.1f}%" for r in m.itertuples())))  # fmt: skip
+    for r in df[(df.model == model) & (df.eps == 0.0)].itertuples():
+        ref = counts[(model, "clean" if r.n == counts[(model, "clean", 0.0, model)][2] else "clean@pgd", 0.0, model)][0]
+        how = r.attack if r.source_model == model else f"{r.attack} transferred from {r.source_model}"
+        checks.append(Check(f"{model} {how}: eps=0 equals clean", bool(r.correct == ref),
+                            f"{r.correct}/{r.n} vs clean {ref}/{r.n}"))  # fmt: skip
     return checks
 
 
-def adversarial_figures(df: pd.DataFrame, ctx: RunContext, cfg: AdversarialConfig) -> dict:
+def monotone_check(curve: pd.DataFrame, model: str, attack: str) -> Check:
+    """Accuracy must not rise with eps by more than the noise tolerance."""
+    pts = list(curve.itertuples())
+    rises = [(a.eps, b.eps) for a, b in zip(pts, pts[1:]) if _exceeds(b.accuracy, a.accuracy, b.n)]
+    detail = ", ".join(f"eps {r.eps:g}: {_pct(r.accuracy)}" for r in pts) + (f"; rises at {rises}" if rises else "")
+    return Check(f"{model} {attack}: accuracy non-increasing in eps", not rises, f"{detail} (n={pts[0].n})")
+
+
+def pgd_checks(pgd: pd.DataFrame, fgsm_same: dict[float, tuple[int, int]], fgsm: pd.DataFrame, model: str) -> list[Check]:
+    """PGD must beat FGSM on the same images, and reach near 0 at the largest eps."""
+    pairs = [(r.eps, r.accuracy, fgsm_same[r.eps][0] / r.n, r.n) for r in pgd.itertuples()]
+    worse = [e for e, p, f, n in pairs if _exceeds(p, f, n)]
+    detail = ", ".join(f"eps {e:g}: {_pct(p)} vs {_pct(f)}" for e, p, f, _ in pairs)
+    last, flast = pgd.iloc[-1], fgsm.iloc[-1]
+    return [
+        Check(f"{model}: PGD <= FGSM at every eps (same {pgd.n.iloc[0]} images)", not worse,
+              detail + (f"; PGD worse at eps {worse}" if worse else "")),
+        Check(f"{model}: PGD accuracy near 0 (< 10%) at the largest eps", bool(last.accuracy < 0.10),
+              f"eps {last.eps:g}: PGD {_pct(last.accuracy)} (n={last.n}), FGSM {_pct(flast.accuracy)} (n={flast.n})"),
+    ]  # fmt: skip
+
+
+def masking_check(fgsm: pd.DataFrame, model: str) -> Check:
+    frac = float(fgsm.zero_grad_frac.dropna().iloc[0]) if fgsm.zero_grad_frac.notna().any() else 0.0
+    return Check(f"{model}: input gradients are non-zero (no gradient masking)", frac < 0.01,
+                 f"{_pct(frac)} of images have an all-zero input gradient of the attack loss (e.g. a saturated "
+                 "margin loss); gradient attacks cannot move them, so their robustness may be masking")  # fmt: skip
+
+
+def noise_check(noise: pd.DataFrame, fgsm: pd.DataFrame, model: str) -> Check:
+    m = noise.merge(fgsm, on="eps", suffixes=("_noise", "_fgsm"))
+    ok = not any(_exceeds(r.accuracy_fgsm, r.accuracy_noise, r.n_noise) for r in m.itertuples())
+    return Check(f"{model}: random-sign noise hurts less than FGSM (informational)", ok,
+                 ", ".join(f"eps {r.eps:g}: noise {_pct(r.accuracy_noise)} vs FGSM {_pct(r.accuracy_fgsm)}" for r in m.itertuples()))  # fmt: skip
+
+
+def transfer_checks(df: pd.DataFrame, model: str) -> list[Check]:
+    """Examples crafted on another model must not beat the white-box attack (Carlini et al.
+    2019: if they do, the white-box gradient is uninformative, e.g. masked)."""
+    checks = []
+    for attack in TRANSFERRED:
+        d = df[(df.model == model) & (df.attack == attack)]
+        own = d[d.source_model == model].set_index("eps")
+        for source in sorted(set(d.source_model) - {model}):
+            tr = d[d.source_model == source].set_index("eps")
+            worse = [e for e in own.index if _exceeds(own.accuracy[e], tr.accuracy[e], int(tr.n[e]))]
+            detail = ", ".join(f"eps {e:g}: {_pct(own.accuracy[e])} vs {_pct(tr.accuracy[e])}" for e in own.index)
+            checks.append(Check(f"{model} {attack}: white-box at least as strong as transfer from {source}", not worse,
+                                detail + (f"; transfer stronger at eps {worse}" if worse else "")))  # fmt: skip
+    return checks
+
+
+def sanity_checks(df: pd.DataFrame, counts: dict, models: list[str]) -> list[Check]:
+    """Carlini et al. (2019) checks per model, each with its numbers."""
+    checks = []
+    for model in models:
+        wb = df[(df.model == model) & (df.source_model == model)]
+        curve = {a: wb[wb.attack == a].sort_values("eps") for a in WHITE_BOX}
+        checks += zero_eps_checks(df, counts, model)
+        checks += [monotone_check(curve[a], model, a) for a in WHITE_BOX if not curve[a].empty]
+        same = {e: counts[(model, "fgsm@pgd", e, model)][::2] for e in curve["fgsm"].eps}
+        checks += pgd_checks(curve["pgd"], same, curve["fgsm"], model)
+        checks.append(masking_check(curve["fgsm"], model))
+        checks += transfer_checks(df, model)
+        if not curve["noise"].empty:
+            checks.append(noise_check(curve["noise"], curve["fgsm"], model))
+    return checks
+
+
+# ---- figures ------------------------------------------------------------------------------
+
+EPS_LABEL = "eps (L-inf, pixel intensity on a 0-1 scale)"
+
+
+def adversarial_figures(df: pd.DataFrame, ctx: RunContext, cfg: AdversarialConfig, n: int) -> dict:
     wb = df[(df.model == df.source_model) & df.attack.isin(WHITE_BOX)]
+    pgd_n = int(wb[wb.attack == "pgd"].n.iloc[0])
     figs = {"adversarial_accuracy": accuracy_lines(
-        wb, x="eps", hue="model", style="attack", xlabel="eps (L-inf, pixel units in [0, 1])",
-        title=f"White-box robust accuracy (n={cfg.n}, PGD {cfg.pgd_steps} steps)")}  # fmt: skip
+        wb, x="eps", hue="model", style="attack", xlabel=EPS_LABEL,
+        title=f"White-box untargeted L-inf: FGSM, PGD ({cfg.pgd_steps} steps, n={pgd_n}), noise (n={n}); 95% Wilson bands",
+    )}  # fmt: skip
     tg = df[(df.model == df.source_model) & (df.attack == "fgsm-targeted")]
     if not tg.empty:
-        tg = tg.assign(accuracy=tg.target_success)
-        figs["adversarial_targeted"] = accuracy_lines(tg, x="eps", hue="model", ylabel="target success rate (%)",
-                                                      xlabel="eps (L-inf)", title="Targeted FGSM: classified as the random target")  # fmt: skip
-    tr = df[df.attack.isin(("fgsm", "pgd")) & (df.model != df.source_model)]
-    if not tr.empty:
-        tr = tr.assign(model=tr.source_model + " -> " + tr.model)
-        figs["adversarial_transfer"] = accuracy_lines(tr, x="eps", hue="model", style="attack", xlabel="eps (L-inf)",
-                                                      title="Transfer: examples crafted on one model, scored on the other")  # fmt: skip
+        figs["adversarial_targeted"] = accuracy_lines(
+            tg.assign(accuracy=tg.target_success), x="eps", hue="model", xlabel=EPS_LABEL,
+            ylabel="classified as the target (%)", title=f"Targeted FGSM toward a random wrong class (n={n})",
+        )  # fmt: skip
+    if (df.model != df.source_model).any():
+        figs["adversarial_transfer"] = transfer_figure(df)
     if cfg.examples:
         figs["adversarial_examples"] = examples_figure(ctx, cfg)
     return figs
 
 
+def transfer_figure(df: pd.DataFrame):
+    """Accuracy of each model on examples crafted on every model (own = white-box), FGSM and PGD."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, attack in zip(axes, TRANSFERRED):
+        d = df[df.attack == attack]
+        d = d.assign(crafted=["white-box" if m == s else f"crafted on {s}" for m, s in zip(d.model, d.source_model)])
+        accuracy_lines(d, x="eps", hue="model", style="crafted", xlabel=EPS_LABEL, ax=ax,
+                       title=f"{attack.upper()} (n={d.n.iloc[0]})")  # fmt: skip
+    fig.suptitle("Accuracy on examples crafted on another model (transfer) vs on itself (white-box), "
+                 "untargeted L-inf; 95% Wilson bands")
+    return fig
+
+
+def short_names(models: list[str]) -> dict[str, str]:
+    """'capsnet' -> 'capsnet', 'cnn-pooled' -> 'cnn' when the prefixes stay unique."""
+    short = {m: m.split("-")[0] for m in models}
+    return short if len(set(short.values())) == len(models) else {m: m for m in models}
+
+
+def example_eps(grid: list[float]) -> float:
+    """0.2 if on the grid, else the non-zero grid value nearest 0.2."""
+    nonzero = [e for e in grid if e > 0] or grid
+    return min(nonzero, key=lambda e: abs(e - 0.2))
+
+
 def examples_figure(ctx: RunContext, cfg: AdversarialConfig):
-    """Clean / FGSM / PGD images (crafted on each model) with every model's prediction."""
+    """Rows: clean, then FGSM and PGD crafted on each model; columns: test images; each cell
+    titled with every model's prediction."""
     k = min(cfg.examples, len(ctx.test_x))
-    eps = min(cfg.eps, key=lambda e: abs(e - 0.2))
+    eps = example_eps(list(cfg.eps))
     x, y = ctx.test_inputs(ctx.test_x[:k]), ctx.test_y[:k]
     rows = [("clean", x)]
-    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
     for source, tm in ctx.models.items():
-        for attack in ("fgsm", "pgd"):
-            rows.append((f"{attack.upper()} on {source}", make_attack(attack, tm.model, eps, cfg, ctx.dtype)(x, y, gen)))
-    short = {name: name.split("-")[0] for name in ctx.models}
+        rows += [(f"{a.upper()} on {source}", make_attack(a, tm.model, eps, cfg, ctx.dtype)(x, y)) for a in TRANSFERRED]
+    short = short_names(list(ctx.models))
     labels = []
     for _, imgs in rows:
-        preds = predict_all(ctx, imgs)
-        labels.append([" / ".join(f"{short[m]} {int(p[j])}" for m, p in preds.items()) for j in range(k)])
+        preds = {m: p.tolist() for m, p in predictions(ctx, ctx.models, imgs, cfg.batch_size).items()}
+        labels.append([" / ".join(f"{short[m]} {p[j]}" for m, p in preds.items()) for j in range(k)])
+    truth = " ".join(str(v) for v in y.tolist())
     return example_grid([r[1] for r in rows], [r[0] for r in rows], labels,
-                        title=f"Adversarial examples at eps={eps} (true: {' '.join(str(int(v)) for v in y)})")  # fmt: skip
+                        title=f"White-box examples at eps={eps:g} (L-inf), PGD {cfg.pgd_steps} steps; true labels: {truth}")  # fmt: skip
 
 
-def summary(df: pd.DataFrame, ctx: RunContext, cfg: AdversarialConfig, checks: list[Check]) -> str:
+# ---- summary ------------------------------------------------------------------------------
+
+
+def _ci(correct: int, n: int) -> str:
+    lo, hi = wilson_interval(correct, n)
+    return f"{100 * correct / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def eps_table(sub: pd.DataFrame, index: list[str], value: str = "correct") -> str:
+    """Rows ``index``, one column per eps, cells 'acc% [lo, hi]' (95% Wilson)."""
+    cells = sub.assign(cell=[_ci(int(c), int(n)) for c, n in zip(sub[value], sub.n)])
+    piv = cells.pivot_table(index=index, columns="eps", values="cell", aggfunc="first")
+    return markdown_table(piv.rename(columns=lambda e: f"eps={e:g}").reset_index())
+
+
+def protocol_note(ctx: RunContext, cfg: AdversarialConfig, data: Inputs) -> str:
     losses = "; ".join(f"{name}: {tm.model.loss_name}" for name, tm in ctx.models.items())
-    step = f"{cfg.pgd_step_size}" if cfg.pgd_step_size else "2.5 x eps / steps"
-    out = [
-        "## Adversarial",
-        "",
-        f"White-box, untargeted L-inf attacks on the first {cfg.n} test images (PGD/BIM on the first "
-        f"{cfg.pgd_n or cfg.n}), inputs in [0, 1] and clamped, models in eval mode. Each model is attacked "
-        f"through its own training loss ({losses}). FGSM: one step, no random start. PGD: {cfg.pgd_steps} "
-        f"steps of size {step}, no random start (BIM). Robust accuracy is unconditional (correct on "
-        "adversarial / all images). Noise: uniform random signs of size eps. 95% Wilson intervals.",
-        "",
-    ]
+    step = f"{cfg.pgd_step_size:g}" if cfg.pgd_step_size else "2.5 x eps / steps (Madry et al. 2018)"
+    return (
+        f"White-box, untargeted L-inf attacks on the first {len(data.y)} test images (PGD on the first "
+        f"{data.pgd_n}), inputs in [0, 1] and clamped, models in eval mode, eps grid {list(cfg.eps)}. "
+        f"Each model is attacked through its own training loss ({losses}), summed over the batch. "
+        f"FGSM (Goodfellow et al. 2015): one step, no random start. PGD: {cfg.pgd_steps} steps of size {step}, "
+        "no random start (i.e. BIM, Kurakin et al. 2017). Noise: x + eps * random signs. Targeted FGSM steps "
+        "down the loss of a random wrong class (seeded, the same for every model). Robust accuracy is "
+        "unconditional (correct on adversarial / all images). Cells: accuracy [95% Wilson interval]."
+    )
+
+
+def summary(df: pd.DataFrame, clean: pd.DataFrame, ctx: RunContext, cfg: AdversarialConfig, data: Inputs,
+            checks: list[Check]) -> str:  # fmt: skip
+    out = ["## Adversarial", "", protocol_note(ctx, cfg, data), ""]
+    out += ["**Clean** accuracy on these images", "", markdown_table(
+        clean.assign(accuracy=[_ci(c, n) for c, n in zip(clean.correct, clean.n)])[["model", "accuracy", "n"]]), ""]  # fmt: skip
     wb = df[df.model == df.source_model]
-    for attack in ("fgsm", "pgd", "noise"):
+    for attack in WHITE_BOX:
         sub = wb[wb.attack == attack]
-        if sub.empty:
-            continue
-        table = sub.pivot_table(index="model", columns="eps", values="accuracy", aggfunc="first")
-        ns = sub.pivot_table(index="model", columns="eps", values="n", aggfunc="first")
-        cells = pd.DataFrame({f"eps={e}": [format_accuracy(table.loc[m, e], int(ns.loc[m, e])) for m in table.index]
-                              for e in table.columns}, index=table.index).reset_index()  # fmt: skip
-        out += [f"**{attack.upper()}** accuracy", "", markdown_table(cells), ""]
+        if not sub.empty:
+            out += [f"**{attack.upper()}** accuracy (n={sub.n.iloc[0]})", "", eps_table(sub, ["model"]), ""]
     tg = wb[wb.attack == "fgsm-targeted"]
     if not tg.empty:
-        piv = tg.pivot_table(index="model", columns="eps", values="target_success", aggfunc="first")
-        out += ["**Targeted FGSM** success rate (prediction == random target)", "",
-                markdown_table(piv.map(lambda v: f"{100 * v:.1f}%").rename(columns=lambda e: f"eps={e}").reset_index()), ""]  # fmt: skip
-    tr = df[(df.model != df.source_model) & df.attack.isin(("fgsm", "pgd"))]
+        hits = tg.assign(hits=(tg.target_success * tg.n).round().astype(int))
+        out += [f"**Targeted FGSM** success rate (prediction == target, n={tg.n.iloc[0]})", "",
+                eps_table(hits, ["model"], "hits"), "", "**Targeted FGSM** accuracy", "", eps_table(tg, ["model"]), ""]  # fmt: skip
+    tr = df[df.model != df.source_model]
     if not tr.empty:
-        piv = tr.pivot_table(index=["source_model", "model", "attack"], columns="eps", values="accuracy", aggfunc="first")
-        out += ["**Transfer** accuracy of `model` on examples crafted on `source_model`", "",
-                markdown_table(piv.map(lambda v: f"{100 * v:.1f}%").rename(columns=lambda e: f"eps={e}").reset_index()), ""]  # fmt: skip
-    return "\n".join(out)
+        out += ["**Transfer**: accuracy of `model` on examples crafted on `source_model`", "",
+                eps_table(tr, ["attack", "source_model", "model"]), ""]  # fmt: skip
+    failed = [c for c in checks if not c.passed]
+    out += [f"**Checks**: {len(checks) - len(failed)} of {len(checks)} passed (details under Sanity checks)."]
+    out += [f"- FAIL {c.name}: {c.detail}" for c in failed]
+    return "\n".join(out) + "\n"
 
 
 PARTS.register("adversarial")((AdversarialConfig, run_adversarial))

@@ -1,0 +1,312 @@
+"""Attacks and the adversarial part: eps=0 is clean, the L-inf box holds, modes are restored,
+attacks hurt a trained model (PGD more than FGSM), and the part's outputs are what it documents."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from capsbench.attacks import ATTACKS, PGD, Attack
+from capsbench.config import from_dict
+from capsbench.errors import CapsbenchError
+from capsbench.models import BenchModel, build_model, count_correct
+from capsbench.models.cnn import CNNClassifier
+from capsbench.suites.adversarial import AdversarialConfig, example_eps, run_adversarial
+from capsbench.suites.base import PARTS, RunContext
+from capsbench.train.config import TrainConfig
+from tests.conftest import synthetic_digits
+
+NAMES = ("fgsm", "fgsm-targeted", "pgd", "noise")
+TINY_CAPS = dict(conv_channels=16, primary_types=4)
+
+
+def tiny_cnn(seed: int = 0) -> CNNClassifier:
+    torch.manual_seed(seed)
+    features = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(), nn.MaxPool2d(2))  # (B, 8, 6, 6)
+    head = nn.Sequential(nn.Linear(8 * 36, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    return CNNClassifier(features, head, 28, 10)
+
+
+def train(model: BenchModel, x_u8: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 3e-3) -> BenchModel:
+    """A few dozen Adam steps on the synthetic digits; returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        xb = x_u8[idx].float().unsqueeze(1) / 255
+        loss = model.objective(model(xb, y[idx]), xb, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def inputs(x_u8: torch.Tensor) -> torch.Tensor:
+    return x_u8.float().unsqueeze(1) / 255  # (B, 1, 28, 28) in [0, 1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~100x faster on one thread than on cores shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def faint(x_u8: torch.Tensor) -> torch.Tensor:
+    """The synthetic digits at 40% brightness, so that eps ~ 0.1-0.2 can erase or fake a block."""
+    return (x_u8.float() * 0.4).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    tx, ty = synthetic_digits(2048, 0)
+    vx, vy = synthetic_digits(128, 1)
+    return faint(tx), ty, inputs(faint(vx)), vy
+
+
+@pytest.fixture(scope="module")
+def full_range():
+    vx, vy = synthetic_digits(32, 1)
+    return inputs(vx), vy  # pixels at 0 and at 1
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(data):
+    tx, ty, x, y = data
+    model = train(tiny_cnn(), tx, ty, steps=80)
+    assert count_correct(model, x, y).item() / len(y) > 0.9  # the premise of the tests below
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_caps(data):
+    tx, ty, _, _ = data
+    torch.manual_seed(0)
+    return train(build_model("capsnet", **TINY_CAPS, reconstruction=False), tx, ty, steps=25, lr=1e-2)
+
+
+def make(name: str, model: BenchModel, eps: float, **kw) -> Attack:
+    return ATTACKS.get(name)(model, eps, **kw)
+
+
+def labels_for(name: str, y: torch.Tensor) -> torch.Tensor:
+    return (y + 3) % 10 if name == "fgsm-targeted" else y
+
+
+def test_registry_has_the_four_attacks():
+    assert set(NAMES) <= set(ATTACKS.names())
+    with pytest.raises(CapsbenchError, match="known attacks"):
+        ATTACKS.get("cw")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eps_zero_returns_input_and_clean_accuracy(name, trained_cnn, data):
+    _, _, x, y = data
+    adv = make(name, trained_cnn, 0.0)(x, labels_for(name, y))
+    assert torch.equal(adv, x)
+    assert count_correct(trained_cnn, adv, y).item() == count_correct(trained_cnn, x, y).item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_output_in_unit_box_and_eps_ball(name, eps, trained_cnn, full_range):
+    x, y = full_range
+    assert x.min() == 0 and x.max() == 1  # pixels at both bounds: the clamp matters
+    adv = make(name, trained_cnn, eps)(x, labels_for(name, y), torch.Generator().manual_seed(0))
+    assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert (adv - x).abs().max() >= eps - 1e-6  # it moved by eps somewhere
+
+
+def test_pgd_projects_large_steps_and_random_start(trained_cnn, full_range):
+    x, y = full_range
+    adv = PGD(trained_cnn, 0.1, steps=3, step_size=0.5, random_start=True)(x, y, torch.Generator().manual_seed(0))
+    assert adv.min() >= 0 and adv.max() <= 1 and (adv - x).abs().max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mode_and_requires_grad_restored(name, data):
+    _, _, x, y = data
+    model = tiny_cnn()
+    model.train()
+    model.head[0].weight.requires_grad_(False)  # a mixed state must come back as it was
+    flags = [p.requires_grad for p in model.parameters()]
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, any(p.requires_grad for p in m.parameters()))))
+    adv = make(name, model, 0.1)(x[:8], labels_for(name, y[:8]), torch.Generator().manual_seed(0))
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    if name != "noise":  # noise never runs the model
+        assert seen and all(not training and not grads for training, grads in seen)
+    assert adv.shape == x[:8].shape
+
+
+def test_targeted_step_lowers_target_loss(trained_cnn, data):
+    _, _, x, y = data
+    target = (y + 1 + torch.randint(0, 9, y.shape, generator=torch.Generator().manual_seed(1))) % 10
+    adv = make("fgsm-targeted", trained_cnn, 0.05)(x, target)
+    with torch.no_grad():
+        before = trained_cnn.attack_loss(trained_cnn(x), target).mean()
+        after = trained_cnn.attack_loss(trained_cnn(adv), target).mean()
+    assert after < before
+
+
+def test_attacks_hurt_a_trained_model_and_pgd_beats_fgsm(trained_cnn, data):
+    _, _, x, y = data
+    eps = 0.15
+    acc = {"clean": count_correct(trained_cnn, x, y).item()}
+    for name in ("fgsm", "pgd", "noise"):
+        acc[name] = count_correct(trained_cnn, make(name, trained_cnn, eps)(x, y, torch.Generator().manual_seed(0)), y).item()
+    assert acc["fgsm"] <= acc["clean"] and acc["pgd"] <= acc["fgsm"]
+    assert acc["pgd"] < acc["clean"] - 0.2 * len(y), acc  # the attack really does something
+    assert acc["noise"] >= acc["fgsm"], acc
+
+
+@pytest.mark.parametrize("kind", ["cnn", "capsnet"])
+@pytest.mark.parametrize("name", ["fgsm", "pgd"])
+def test_example_result_does_not_depend_on_its_batch(kind, name, trained_cnn, trained_caps, data):
+    _, _, x, y = data
+    model = trained_cnn if kind == "cnn" else trained_caps
+    kw = {"steps": 3} if name == "pgd" else {}
+    batch = make(name, model, 0.1, **kw)(x[:16], y[:16])
+    for i in (0, 7):
+        alone = make(name, model, 0.1, **kw)(x[i : i + 1], y[i : i + 1])
+        # Identical up to sign flips of float-noise-sized gradient entries (none expected).
+        assert (alone[0] != batch[i]).float().mean() < 0.005
+
+
+def test_autocast_dtype_keeps_fp32_inputs_and_the_box(trained_cnn, data):
+    _, _, x, y = data
+    adv = make("pgd", trained_cnn, 0.1, dtype=torch.bfloat16, steps=2)(x[:16], y[:16])
+    assert adv.dtype == torch.float32 and adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x[:16]).abs().max() <= 0.1 + 1e-6
+
+
+def test_batch_size_option_gives_the_same_result(trained_caps, data):
+    _, _, x, y = data
+    whole = make("fgsm", trained_caps, 0.1)(x[:12], y[:12])
+    split = make("fgsm", trained_caps, 0.1, batch_size=5)(x[:12], y[:12])
+    assert (whole != split).float().mean() < 0.005
+
+
+def test_zero_gradient_diagnostic_counts_masked_images(data):
+    _, _, x, y = data
+    model = tiny_cnn()
+    with torch.no_grad():
+        model.features[0].weight.zero_()  # the output no longer depends on the input
+    atk = make("fgsm", model, 0.1)
+    adv = atk(x[:10], y[:10])
+    assert atk.zero_grads.item() == 10 and torch.equal(adv, x[:10])
+    atk = make("fgsm", tiny_cnn(), 0.1)
+    atk(x[:10], y[:10])
+    assert atk.zero_grads.item() == 0
+
+
+# ---- the part ---------------------------------------------------------------------------
+
+
+def fake_context(models: dict[str, BenchModel], n: int = 48) -> RunContext:
+    vx, vy = synthetic_digits(n, 1)
+    vx = faint(vx)
+    return RunContext(
+        models={k: SimpleNamespace(model=m, meta={"params": m.num_params(), "test_accuracy": 0.0}) for k, m in models.items()},
+        test_x=vx, test_y=vy, train_cfg=TrainConfig(augment="none"), device=torch.device("cpu"),
+        dtype=None, seed=0, progress=False,
+    )  # fmt: skip
+
+
+COLUMNS = ["model", "attack", "eps", "accuracy", "n", "source_model", "seed", "target_success", "correct", "steps", "step_size"]
+
+
+def test_part_end_to_end(trained_cnn, trained_caps):
+    ctx = fake_context({"capsnet": trained_caps, "cnn-tiny": trained_cnn})
+    cfg = from_dict(AdversarialConfig, dict(n=40, pgd_n=24, eps=[0.0, 0.1, 0.3], pgd_steps=3, examples=3, batch_size=16), "adversarial")
+    assert PARTS.get("adversarial") == (AdversarialConfig, run_adversarial)
+    res = run_adversarial(ctx, cfg)
+    df = res.tables["adversarial"]
+    assert list(df.columns[: len(COLUMNS)]) == COLUMNS
+    assert set(df.attack) == set(NAMES) and (df.seed == 0).all()
+    # White-box: 4 attacks x 3 eps per model; transfer: FGSM and PGD x 3 eps from the other model.
+    assert len(df[df.model == df.source_model]) == 2 * 12 and len(df[df.model != df.source_model]) == 2 * 6
+    assert set(df[df.attack == "pgd"].n) == {24} and set(df[df.attack != "pgd"].n) == {40}
+    assert df[df.attack == "fgsm-targeted"].target_success.notna().all()
+    assert df[df.attack != "fgsm-targeted"].target_success.isna().all()
+    assert set(df[df.attack == "pgd"].steps) == {3} and set(df[df.attack == "noise"].steps) == {0}
+    assert (df.correct == (df.accuracy * df.n).round()).all()
+    clean = res.tables["adversarial_clean"].set_index("model")
+    assert list(clean.columns[:3]) == ["accuracy", "n", "seed"] and set(clean.n) == {40}
+    zero = df[(df.eps == 0) & (df.n == 40)]
+    assert (zero.correct.values == clean.loc[zero.model, "correct"].values).all()
+    checks = {c.name: c for c in res.checks}
+    eps0 = [c for c in res.checks if "eps=0 equals clean" in c.name]
+    assert len(eps0) == 2 * (4 + 2) and all(c.passed for c in eps0)
+    for model in ctx.models:
+        for name in (f"{model} fgsm: accuracy non-increasing in eps", f"{model}: PGD <= FGSM at every eps (same 24 images)",
+                     f"{model}: PGD accuracy near 0 (< 10%) at the largest eps",
+                     f"{model}: random-sign noise hurts less than FGSM (informational)"):  # fmt: skip
+            assert name in checks and "%" in checks[name].detail
+    assert checks["cnn-tiny: PGD <= FGSM at every eps (same 24 images)"].passed
+    assert "cnn-tiny fgsm: white-box at least as strong as transfer from capsnet" in checks
+    assert set(res.figures) == {"adversarial_accuracy", "adversarial_targeted", "adversarial_transfer", "adversarial_examples"}
+    assert all(isinstance(f, Figure) for f in res.figures.values())
+    assert res.summary.startswith("## Adversarial") and "eps=0.3" in res.summary and "% [" in res.summary
+    assert "margin loss" in res.summary and "cross-entropy" in res.summary
+    again = run_adversarial(ctx, cfg).tables["adversarial"]
+    assert again.equals(df)  # seeded: a rerun gives the same numbers
+
+
+def test_example_eps_prefers_point_two():
+    assert example_eps([0.0, 0.1, 0.2, 0.3]) == 0.2 and example_eps([0.0, 0.05, 0.3]) == 0.3
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"eps": [0.0, -0.1]}, r"\[0, 1\]"),
+        ({"eps": [0.0, 0.3, 0.1]}, "sorted"),
+        ({"eps": [0.1, 0.2]}, "must include 0 for the eps=0 == clean check"),
+        ({"eps": [0.0]}, "> 0"),
+        ({"batch_size": 0}, "adversarial.batch_size"),
+        ({"n": 0}, "adversarial.n"),
+        ({"pgd_step_size": -1.0}, "pgd_step_size"),
+    ],
+)
+def test_config_refuses_bad_values(values, match):
+    with pytest.raises(CapsbenchError, match=match):
+        from_dict(AdversarialConfig, values, "adversarial")
+
+
+def test_config_defaults_are_valid():
+    cfg = from_dict(AdversarialConfig, {}, "adversarial")
+    assert cfg.eps[0] == 0 and cfg.n == 1000 and cfg.step_size(0.2) == pytest.approx(0.05)
+
+
+def test_checks_fail_on_bad_numbers():
+    from capsbench.suites.adversarial import monotone_check, pgd_checks, sanity_checks
+
+    def curve(attack, accs, n=200, source="m"):
+        return pd.DataFrame({"model": "m", "attack": attack, "eps": [0.0, 0.1, 0.3], "accuracy": accs, "n": n,
+                             "source_model": source, "correct": [round(a * n) for a in accs],
+                             "zero_grad_frac": 0.0 if attack == "fgsm" else float("nan")})  # fmt: skip
+
+    assert monotone_check(curve("fgsm", [0.9, 0.5, 0.45]), "m", "fgsm").passed  # within noise
+    assert not monotone_check(curve("fgsm", [0.9, 0.5, 0.7]), "m", "fgsm").passed
+    fgsm = curve("fgsm", [0.9, 0.5, 0.2])
+    same = {e: (round(a * 200), 200) for e, a in zip(fgsm.eps, fgsm.accuracy)}
+    ok, near0 = pgd_checks(curve("pgd", [0.9, 0.3, 0.05]), same, fgsm, "m")
+    assert ok.passed and near0.passed
+    worse, far = pgd_checks(curve("pgd", [0.9, 0.7, 0.3]), same, fgsm, "m")
+    assert not worse.passed and not far.passed and "eps 0.1: 70.0% vs 50.0%" in worse.detail
+    df = pd.concat([fgsm, curve("pgd", [0.85, 0.3, 0.05]), curve("fgsm", [0.9, 0.1, 0.0], source="other")])
+    counts = {("m", "clean", 0.0, "m"): (180, None, 200), ("m", "clean@pgd", 0.0, "m"): (180, None, 200)}
+    counts.update({("m", "fgsm@pgd", e, "m"): v + (200,) for e, v in {0.0: (180,), 0.1: (100,), 0.3: (40,)}.items()})
+    checks = {c.name: c for c in sanity_checks(df, counts, ["m"])}
+    assert not checks["m pgd: eps=0 equals clean"].passed and checks["m fgsm: eps=0 equals clean"].passed
+    assert not checks["m fgsm: white-box at least as strong as transfer from other"].passed
