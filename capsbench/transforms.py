@@ -97,7 +97,7 @@ def random_affine(x: Tensor, generator: torch.Generator, rotation: float = 20.0,
     corners = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
                            torch.stack([x0, y1], -1), torch.stack([x1, y1], -1)], 1)  # (B, 4, 2)  # fmt: skip
     moved = corners @ A.transpose(1, 2)  # (B, 4, 2)
-    half = (S - 1) / 2
+    half = (S - 1) / 2 - 1  # one pixel of margin: bilinear sampling spreads a pixel by up to 1
     lo, hi = -half - moved.min(1).values, half - moved.max(1).values  # (B, 2) allowed shifts
     fits = lo <= hi
     shift = torch.where(fits, lo + (hi - lo) * u[3:5].T, torch.zeros_like(lo)) if translate else torch.zeros_like(lo)
