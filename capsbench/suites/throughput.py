@@ -1,11 +1,13 @@
-"""The throughput part: training and inference images/s over batch sizes (median and IQR of
-the step time), peak memory, parameters, MACs per image, and CapsNet's cost as the number of
-routing iterations grows. Timing follows capsbench.timing's one recipe."""
+"""The throughput part: training and inference images/s over batch sizes (median and IQR of the
+step time), peak memory, parameters and MACs per image, and CapsNet's cost as the number of
+routing iterations grows (Sabour et al. 2017 use 3). Timing follows capsbench.timing's recipe;
+the published speeds it can be compared with are in shared/capsnet-facts.md."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -14,77 +16,102 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pandas as pd
+import seaborn as sns
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from tqdm.auto import tqdm
 
 from capsbench.device import autocast, describe
 from capsbench.errors import CapsbenchError
-from capsbench.models import BenchModel
+from capsbench.models import BenchModel, CapsNet, CapsNetConfig, build_model
 from capsbench.suites.base import PARTS, Check, PartResult, RunContext
 from capsbench.summary import markdown_table
-from capsbench.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, time_fn
+from capsbench.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
 
 MODES = ("train", "inference")
 DTYPES = ("auto", "fp32", "bf16")
+PAPER_MACS = 203e6  # CapsNet forward MACs per 28x28 image (shared/capsnet-facts.md)
+# CapsNet settings that change its MAC count; the paper's values are CapsNetConfig's defaults.
+ARCH_FIELDS = ("input_size", "in_channels", "num_classes", "conv_channels", "primary_types", "primary_dim",
+               "class_dim", "routing_iters", "reconstruction", "decoder_hidden")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ThroughputConfig:
+    """Keys of the ``[throughput]`` table of a suite file."""
+
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32, 128, 512])
-    warmup: int = 3
-    repeats: int = 10
+    warmup: int = 3  # untimed steps before the timed ones (allocator, cuDNN and autotuning warm-up)
+    repeats: int = 10  # timed steps per setting; the median and IQR are reported
     modes: list[str] = field(default_factory=lambda: ["train", "inference"])
     routing_iters: list[int] = field(default_factory=lambda: [1, 2, 3, 5])  # CapsNet cost vs iterations
-    routing_batch_size: int = 128
-    dtypes: list[str] = field(default_factory=lambda: ["auto"])  # auto: bf16 on CUDA, fp32 on the CPU
-    compile: list[bool] = field(default_factory=lambda: [False])
-    max_seconds: float = 120.0  # per model: larger batch sizes are skipped once this is spent
+    routing_batch_size: int = 128  # the one batch size of the routing sweep
+    dtypes: list[str] = field(default_factory=lambda: ["auto"])  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    compile: list[bool] = field(default_factory=lambda: [False])  # torch.compile the forward
+    max_seconds: float = 60.0  # per model and sweep: larger batch sizes are skipped once spent
 
     def validate(self, where: str) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise CapsbenchError(f"{where}.batch_sizes must be a non-empty list of integers >= 1, got {self.batch_sizes}")
-        if self.warmup < 0 or self.repeats < 1 or self.routing_batch_size < 1:
-            raise CapsbenchError(f"{where}: warmup must be >= 0, repeats >= 1 (5+ recommended), routing_batch_size >= 1")
+        if self.warmup < 0:
+            raise CapsbenchError(f"{where}.warmup must be >= 0, got {self.warmup}")
+        if self.repeats < 1:
+            raise CapsbenchError(f"{where}.repeats must be >= 1 (5 or more recommended), got {self.repeats}")
         if not self.modes or set(self.modes) - set(MODES):
-            raise CapsbenchError(f"{where}.modes must be a subset of {list(MODES)}, got {self.modes}")
-        if any(r < 1 for r in self.routing_iters):
-            raise CapsbenchError(f"{where}.routing_iters must all be >= 1, got {self.routing_iters}")
+            raise CapsbenchError(f"{where}.modes must be a non-empty subset of {list(MODES)}, got {self.modes}")
+        if any(r < 1 for r in self.routing_iters) or self.routing_batch_size < 1:
+            raise CapsbenchError(f"{where}.routing_iters and routing_batch_size must be >= 1, "
+                                 f"got {self.routing_iters} and {self.routing_batch_size}")  # fmt: skip
         if not self.dtypes or set(self.dtypes) - set(DTYPES):
-            raise CapsbenchError(f"{where}.dtypes must be a subset of {list(DTYPES)}, got {self.dtypes}")
-        if self.max_seconds <= 0:
-            raise CapsbenchError(f"{where}.max_seconds must be > 0")
+            raise CapsbenchError(f"{where}.dtypes must be a non-empty subset of {list(DTYPES)}, got {self.dtypes}")
+        if not self.compile:
+            raise CapsbenchError(f"{where}.compile must list at least one of false, true")
+        if not self.max_seconds > 0:
+            raise CapsbenchError(f"{where}.max_seconds must be > 0, got {self.max_seconds}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of a ``dtypes`` entry; None = plain fp32."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if name == "bf16" else None
 
 
-def step_fn(model: BenchModel, mode: str, batch: int, device: torch.device, dtype, compiled: bool,
-            gen: torch.Generator) -> Callable[[], Any]:  # fmt: skip
-    """A closure doing one training step (on a copy of the model) or one inference forward."""
+def dtype_label(dtype: torch.dtype | None) -> str:
+    return "bf16" if dtype is torch.bfloat16 else "fp32"
+
+
+def is_oom(e: BaseException) -> bool:
+    """Out of device (or host) memory, as opposed to a bug."""
+    text = str(e)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def make_step(model: BenchModel, mode: str, batch: int, device: torch.device, dtype: torch.dtype | None,
+              compiled: bool, seed: int) -> Callable[[], None]:  # fmt: skip
+    """One training step (forward, objective, backward, Adam) or one no-grad forward, as a closure
+    over random inputs already on the device. It runs a copy: the given weights are never touched."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     S = model.input_size
-    x = torch.rand(batch, 1, S, S, device=device, generator=gen)  # resident on the device
-    y = torch.randint(0, model.num_classes, (batch,), device=device, generator=gen)
-    m = copy.deepcopy(model)  # the trained weights are never touched
+    x = torch.rand(batch, 1, S, S, device=device, generator=gen)  # (B, 1, S, S) in [0, 1], resident
+    y = torch.randint(0, model.num_classes, (batch,), device=device, generator=gen)  # (B,)
+    m = copy.deepcopy(model).train(mode == "train")
+    if compiled:
+        torch._dynamo.reset()  # a fresh compile per setting: no recompile limit, honest compile_s
     fwd = torch.compile(m) if compiled else m
     if mode == "inference":
-        m.eval()
 
-        def infer() -> Any:
+        def infer() -> None:
             with torch.no_grad(), autocast(device, dtype):
-                return fwd(x)
+                fwd(x)
 
         return infer
-    m.train()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=device.type == "cuda")
 
-    def train() -> Any:
+    def train() -> None:
         with autocast(device, dtype):
-            out = fwd(x, y)
-            loss = m.objective(out, x, y)
+            loss = m.objective(fwd(x, y), x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,152 +119,287 @@ def step_fn(model: BenchModel, mode: str, batch: int, device: torch.device, dtyp
     return train
 
 
-def measure(model: BenchModel, mode: str, batch: int, ctx: RunContext, cfg: ThroughputConfig, dtype,
-            compiled: bool) -> dict[str, float] | None:  # fmt: skip
-    """Timed steps of one setting; None when it does not fit in memory."""
-    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-    try:
-        reset_peak_memory(ctx.device)
-        fn = step_fn(model, mode, batch, ctx.device, dtype, compiled, gen)
+def timed_steps(fn: Callable[[], None], compiled: bool, cfg: ThroughputConfig,
+                device: torch.device) -> tuple[list[float], float]:  # fmt: skip
+    """(seconds per timed step, compile seconds or NaN). A compiled step's first call compiles:
+    it is timed on its own, before the usual warm-up."""
+    compile_s = math.nan
+    if compiled:
         t0 = time.perf_counter()
-        compile_s = math.nan
-        if compiled:
-            fn()
-            compile_s = time.perf_counter() - t0
-        times = time_fn(fn, cfg.warmup, cfg.repeats, ctx.device)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        fn()
+        synchronize(device)
+        compile_s = time.perf_counter() - t0
+    return time_fn(fn, cfg.warmup, cfg.repeats, device), compile_s
+
+
+def measure(model: BenchModel, mode: str, batch: int, device: torch.device, dtype: torch.dtype | None,
+            compiled: bool, cfg: ThroughputConfig, seed: int) -> dict[str, float] | None:  # fmt: skip
+    """Median/IQR step time, images/s, peak memory and compile time of one setting; None on OOM."""
+    baseline = reset_peak_memory(device)
+    try:
+        times, compile_s = timed_steps(make_step(model, mode, batch, device, dtype, compiled, seed), compiled, cfg, device)
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        times = None
+    if times is None:  # outside the except block, so the failed step's tensors are already freed
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return None
     s = summarize(times)
-    return {"samples_per_sec": batch / s["median"], "step_ms_median": 1000 * s["median"], "step_ms_iqr": 1000 * s["iqr"],
-            "peak_mem_mb": peak_memory_mb(ctx.device), "compile_s": compile_s}  # fmt: skip
+    return {"samples_per_sec": batch / s["median"], "step_ms_median": 1e3 * s["median"], "step_ms_iqr": 1e3 * s["iqr"],
+            "peak_mem_mb": peak_memory_mb(device, baseline), "compile_s": compile_s}  # fmt: skip
 
 
-def run_throughput(ctx: RunContext, cfg: ThroughputConfig) -> PartResult:
-    meta = {"device": str(ctx.device), "device_name": describe(ctx.device), "cpu_count": os.cpu_count(),
-            "torch_version": str(torch.__version__), "cuda_version": torch.version.cuda if ctx.device.type == "cuda" else None}  # fmt: skip
-    rows, routing_rows, notes = [], [], []
-    for name, tm in ctx.models.items():
-        model = tm.model
-        S = model.input_size
-        macs = count_macs(model.eval(), torch.rand(2, 1, S, S, device=ctx.device)) / 2
-        iters = getattr(getattr(model, "cfg", None), "routing_iters", math.nan)
-        settings = [(d, c, m, b) for d in cfg.dtypes for c in cfg.compile for m in cfg.modes for b in sorted(cfg.batch_sizes)]
-        started = time.perf_counter()
-        for dname, compiled, mode, batch in tqdm(settings, desc=f"throughput {name}", disable=not ctx.progress):
-            if time.perf_counter() - started > cfg.max_seconds:
-                notes.append(f"{name}: {dname} {mode} batch {batch} skipped (max_seconds {cfg.max_seconds} spent)")
+def run_info(ctx: RunContext) -> dict[str, Any]:
+    """Device and version metadata repeated on every row."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cuda = torch.version.cuda if ctx.device.type == "cuda" else None
+    return {"device": str(ctx.device), "device_name": describe(ctx.device), "cpu_count": cores,
+            "torch_version": str(torch.__version__), "cuda_version": cuda}  # fmt: skip
+
+
+def routing_iters_of(model: BenchModel) -> int | None:
+    """The model's routing iterations; None for models without routing."""
+    return getattr(getattr(model, "cfg", None), "routing_iters", None)
+
+
+class Budget:
+    """``max_seconds`` for one sweep: skip a setting once the time is spent or its projected cost
+    (last seconds per image of the same kind x images still to run) would overrun it."""
+
+    def __init__(self, seconds: float, steps: int) -> None:
+        self.seconds, self.steps, self.start = seconds, steps, time.perf_counter()
+        self.per_image: dict[Any, float] = {}
+
+    def allows(self, key: Any, batch: int) -> bool:
+        projected = self.per_image.get(key, 0.0) * batch * self.steps
+        return time.perf_counter() - self.start + projected <= self.seconds
+
+    def record(self, key: Any, batch: int, step_ms: float) -> None:
+        self.per_image[key] = step_ms / 1e3 / batch
+
+
+def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputConfig,
+                info: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+    """All (batch size, dtype, compile, mode) settings of one model, smallest batches first, so
+    the time budget cuts the largest ones."""
+    S = model.input_size
+    static = {"params": model.num_params(), "repeats": cfg.repeats, "seed": ctx.seed,
+              "macs_per_sample": count_macs(model, torch.rand(2, 1, S, S, device=ctx.device)) // 2,
+              "routing_iters": routing_iters_of(model) or math.nan, **info}  # fmt: skip
+    settings = list(itertools.product(sorted(set(cfg.batch_sizes)), cfg.dtypes, cfg.compile, cfg.modes))
+    budget = Budget(cfg.max_seconds, cfg.warmup + cfg.repeats)
+    rows, skipped, oom, compile_failed = [], [], [], False
+    for batch, dname, compiled, mode in tqdm(settings, desc=f"throughput {name}", disable=not ctx.progress,
+                                             file=sys.stderr, dynamic_ncols=True):  # fmt: skip
+        if compiled and compile_failed and False in cfg.compile:
+            continue  # compile failed before: this setting's eager row is measured anyway
+        compiled = compiled and not compile_failed
+        if not budget.allows((dname, compiled, mode), batch):
+            skipped.append(f"{mode} {batch}")
+            continue
+        r, failure = measure_setting(model, mode, batch, ctx, cfg, dname, compiled)
+        if failure:
+            notes.append(f"{name}: torch.compile failed ({failure}); its rows are eager measurements (compile=False)")
+            compile_failed, compiled = True, False
+            if False in cfg.compile:
                 continue
-            r = _measure_or_eager(model, mode, batch, ctx, cfg, dname, compiled, notes, name)
-            if r is None:
-                continue
-            rows.append({"model": name, "mode": mode, **{k: meta[k] for k in ("device",)}, "dtype": _dtype_label(dname, ctx),
-                         "batch_size": batch, **{k: r[k] for k in ("samples_per_sec", "step_ms_median", "step_ms_iqr", "peak_mem_mb")},
-                         "params": model.num_params(), "macs_per_sample": macs, "compile": r["compiled"], "compile_s": r["compile_s"],
-                         "routing_iters": iters, "repeats": cfg.repeats, "seed": ctx.seed,
-                         **{k: meta[k] for k in ("device_name", "cpu_count", "torch_version", "cuda_version")}})  # fmt: skip
-        if hasattr(model, "cfg") and hasattr(model.cfg, "routing_iters"):
-            routing_rows += routing_cost(name, tm, ctx, cfg)
-    df, routing = pd.DataFrame(rows), pd.DataFrame(routing_rows)
-    tables = {"throughput": df}
-    if not routing.empty:
-        tables["throughput_routing"] = routing
-    figures = {"throughput": throughput_figure(df, meta)} if not df.empty else {}
-    if not routing.empty:
-        figures["throughput_routing"] = routing_figure(routing, meta)
-    return PartResult(tables, figures, summary(df, routing, meta, notes), macs_check(ctx, df))
-
-
-def _dtype_label(dname: str, ctx: RunContext) -> str:
-    return "bf16" if resolve_dtype(dname, ctx.device) is torch.bfloat16 else "fp32"
-
-
-def _measure_or_eager(model, mode, batch, ctx, cfg, dname, compiled, notes, name):
-    dtype = resolve_dtype(dname, ctx.device)
-    try:
-        r = measure(model, mode, batch, ctx, cfg, dtype, compiled)
-    except Exception as e:  # compile is optional: fall back to eager with one notice
-        if not compiled:
-            raise
-        notes.append(f"{name}: torch.compile failed ({type(e).__name__}); measured eagerly instead")
-        print(f"notice: torch.compile failed for {name} ({type(e).__name__}); measuring eagerly", file=sys.stderr)
-        r, compiled = measure(model, mode, batch, ctx, cfg, dtype, False), False
-    if r is None:
-        notes.append(f"{name}: {mode} batch {batch} ran out of device memory; skipped")
-        return None
-    return {**r, "compiled": compiled}
-
-
-def routing_cost(name: str, tm, ctx: RunContext, cfg: ThroughputConfig) -> list[dict]:
-    """The same trained weights run with 1, 2, 3, 5... routing iterations."""
-    rows = []
-    for r in cfg.routing_iters:
-        variant = type(tm.model)(dataclasses.replace(tm.model.cfg, routing_iters=r))
-        variant.load_state_dict(tm.model.state_dict())  # iterations change no parameter shapes
-        variant.to(ctx.device)
-        for mode in cfg.modes:
-            dtype = resolve_dtype(cfg.dtypes[0], ctx.device)
-            m = measure(variant, mode, cfg.routing_batch_size, ctx, cfg, dtype, False)
-            if m is not None:
-                rows.append({"model": name, "routing_iters": r, "mode": mode, "batch_size": cfg.routing_batch_size,
-                             "samples_per_sec": m["samples_per_sec"], "step_ms_median": m["step_ms_median"],
-                             "step_ms_iqr": m["step_ms_iqr"], "dtype": _dtype_label(cfg.dtypes[0], ctx), "device": str(ctx.device)})  # fmt: skip
+            r, _ = measure_setting(model, mode, batch, ctx, cfg, dname, False)
+        if r is None:
+            oom.append(f"{mode} {batch}")
+            continue
+        budget.record((dname, compiled, mode), batch, r["step_ms_median"])
+        dtype = dtype_label(resolve_dtype(dname, ctx.device))
+        rows.append({**static, **r, "model": name, "mode": mode, "dtype": dtype, "batch_size": batch, "compile": compiled})
+    if skipped:
+        notes.append(f"{name}: skipped (max_seconds = {cfg.max_seconds:g} spent or projected to overrun): {', '.join(skipped)}")
+    if oom:
+        notes.append(f"{name}: out of memory, skipped: {', '.join(oom)}")
     return rows
 
 
-def macs_check(ctx: RunContext, df: pd.DataFrame) -> list[Check]:
-    """The paper CapsNet at 28x28 should count about 203M MACs per image (capsnet-facts.md)."""
+COLUMNS = ["model", "mode", "device", "dtype", "batch_size", "samples_per_sec", "step_ms_median", "step_ms_iqr",
+           "peak_mem_mb", "params", "macs_per_sample", "compile", "compile_s", "routing_iters", "repeats", "seed",
+           "device_name", "cpu_count", "torch_version", "cuda_version"]  # fmt: skip
+ROUTING_COLUMNS = ["model", "routing_iters", "mode", "batch_size", "samples_per_sec", "step_ms_median", "step_ms_iqr",
+                   "dtype", "device", "seed"]  # fmt: skip
+
+
+def measure_setting(model: BenchModel, mode: str, batch: int, ctx: RunContext, cfg: ThroughputConfig, dname: str,
+                    compiled: bool) -> tuple[dict[str, float] | None, str]:  # fmt: skip
+    """(``measure``'s result, "") or, when torch.compile fails, (None, what failed)."""
+    try:
+        return measure(model, mode, batch, ctx.device, resolve_dtype(dname, ctx.device), compiled, cfg, ctx.seed), ""
+    except Exception as e:  # compile is optional; errors in eager mode are bugs and propagate
+        if not compiled:
+            raise
+        return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def with_routing_iters(name: str, tm: Any, iters: int, device: torch.device) -> BenchModel:
+    """The same trained weights with another number of routing iterations (no parameter shape
+    depends on it). Built from the run's model options, or the model's own config."""
+    options = tm.meta.get("options") or dataclasses.asdict(tm.model.cfg)
+    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the seeded RNG
+        variant = build_model(tm.meta.get("model", name), **{**options, "routing_iters": iters})
+    variant.load_state_dict(tm.model.state_dict())
+    return variant.to(device).eval()
+
+
+def routing_sweep(name: str, tm: Any, ctx: RunContext, cfg: ThroughputConfig, notes: list[str]) -> list[dict[str, Any]]:
+    """CapsNet images/s at ``routing_batch_size`` for each routing-iteration count (first dtype, eager)."""
+    dtype, batch = resolve_dtype(cfg.dtypes[0], ctx.device), cfg.routing_batch_size
+    budget, rows, skipped = Budget(cfg.max_seconds, cfg.warmup + cfg.repeats), [], []
+    for iters in tqdm(sorted(set(cfg.routing_iters)), desc=f"routing {name}", disable=not ctx.progress,
+                      file=sys.stderr, dynamic_ncols=True):  # fmt: skip
+        variant = with_routing_iters(name, tm, iters, ctx.device)
+        for mode in cfg.modes:
+            r = measure(variant, mode, batch, ctx.device, dtype, False, cfg, ctx.seed) if budget.allows(mode, batch) else None
+            if r is None:
+                skipped.append(f"{mode} x{iters}")
+                continue
+            budget.record(mode, batch, r["step_ms_median"])
+            rows.append({"model": name, "routing_iters": iters, "mode": mode, "batch_size": batch,
+                         **{k: r[k] for k in ("samples_per_sec", "step_ms_median", "step_ms_iqr")},
+                         "dtype": dtype_label(dtype), "device": str(ctx.device), "seed": ctx.seed})  # fmt: skip
+    if skipped:
+        notes.append(f"{name} routing sweep: skipped (time budget or out of memory): {', '.join(skipped)}")
+    return rows
+
+
+def run_throughput(ctx: RunContext, cfg: ThroughputConfig) -> PartResult:
+    """Time every model over batch sizes, modes, dtypes and compile settings; sweep CapsNet's routing."""
+    info, rows, routing_rows, notes = run_info(ctx), [], [], []
+    for name, tm in ctx.models.items():
+        rows += sweep_model(name, tm.model, ctx, cfg, info, notes)
+        if routing_iters_of(tm.model) is not None:
+            routing_rows += routing_sweep(name, tm, ctx, cfg, notes)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    routing = pd.DataFrame(routing_rows, columns=ROUTING_COLUMNS)
+    tables, figures = {"throughput": df}, {}
+    if not df.empty:
+        figures["throughput"] = throughput_figure(df, info["device_name"], cfg)
+    if not routing.empty:
+        tables["throughput_routing"] = routing
+        figures["throughput_routing"] = routing_figure(routing, info["device_name"])
+    return PartResult(tables, figures, summary(df, routing, info, cfg, notes), macs_checks(ctx, df))
+
+
+def is_paper_capsnet(model: BenchModel) -> bool:
+    """The paper's MNIST CapsNet at 28x28, the configuration whose MACs the facts file states."""
+    if not isinstance(model, CapsNet):
+        return False
+    paper = CapsNetConfig()
+    return all(getattr(model.cfg, f) == getattr(paper, f) for f in ARCH_FIELDS)
+
+
+def macs_checks(ctx: RunContext, df: pd.DataFrame) -> list[Check]:
+    """Informational: the counted MACs of the paper CapsNet match the facts file's 203M (a
+    counting or architecture bug would show here)."""
     checks = []
     for name, tm in ctx.models.items():
-        cfg = getattr(tm.model, "cfg", None)
-        if name == "capsnet" and cfg is not None and cfg.input_size == 28 and cfg.conv_channels == 256 and not df.empty:
-            macs = float(df[df.model == name].macs_per_sample.iloc[0])
-            checks.append(Check("capsnet MACs per 28x28 image within 10% of the paper's 203M", abs(macs / 203e6 - 1) < 0.10,
-                                f"{macs / 1e6:.1f}M"))  # fmt: skip
+        rows = df[df.model == name]
+        if is_paper_capsnet(tm.model) and not rows.empty:
+            macs = float(rows.macs_per_sample.iloc[0])
+            checks.append(Check(f"{name}: MACs per 28x28 image within 10% of the paper CapsNet's 203M",
+                                abs(macs / PAPER_MACS - 1) <= 0.10, f"{macs / 1e6:.1f}M counted vs 203M"))  # fmt: skip
     return checks
 
 
-def throughput_figure(df: pd.DataFrame, meta: dict) -> Figure:
-    fig = Figure(figsize=(7, 4.5))
+def series_label(df: pd.DataFrame) -> pd.Series:
+    """Model name, plus dtype and compile when the run has more than one of them."""
+    label = df["model"].astype(str)
+    if df["dtype"].nunique() > 1:
+        label = label + " " + df["dtype"]
+    if df["compile"].nunique() > 1:
+        label = label + df["compile"].map({True: " compiled", False: " eager"})
+    return label
+
+
+def throughput_figure(df: pd.DataFrame, device_name: str, cfg: ThroughputConfig) -> Figure:
+    """Images/s against batch size, log axes; colour = model, line style = mode."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    for (model, mode), g in df.groupby(["model", "mode"]):
-        g = g.sort_values("batch_size")
-        ax.plot(g.batch_size, g.samples_per_sec, marker="o", linestyle="-" if mode == "train" else "--", label=f"{model} {mode}")
-    ax.set(xscale="log", yscale="log", xlabel="batch size (images)", ylabel="images / s (median)",
-           title=f"Throughput on {meta['device_name']}")  # fmt: skip
+    data = df.assign(series=series_label(df))
+    sns.lineplot(data=data, x="batch_size", y="samples_per_sec", hue="series", style="mode", markers=True,
+                 estimator=None, ax=ax)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(df.batch_size.unique()), [str(b) for b in sorted(df.batch_size.unique())])
+    ax.xaxis.set_minor_locator(NullLocator())
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title_fontsize=8)
+    ax.set(xlabel="batch size (images per step)", ylabel="throughput (images/s, median)",
+           title=f"Throughput on {device_name}\ntrain = forward+loss+backward+Adam, inference = no-grad forward; "
+                 f"median of {cfg.repeats} steps")  # fmt: skip
+    ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
     return fig
 
 
-def routing_figure(df: pd.DataFrame, meta: dict) -> Figure:
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for (model, mode), g in df.groupby(["model", "mode"]):
-        ax.plot(g.routing_iters, g.samples_per_sec, marker="o", label=f"{model} {mode}")
-    ax.set(xlabel="routing iterations", ylabel="images / s (median)", ylim=(0, None),
-           title=f"CapsNet cost vs routing iterations (batch {int(df.batch_size.iloc[0])}, {meta['device_name']})")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def routing_figure(df: pd.DataFrame, device_name: str) -> Figure:
+    """CapsNet images/s against routing iterations, one panel per mode (same weights)."""
+    modes = list(dict.fromkeys(df["mode"]))
+    fig = Figure(figsize=(5 * len(modes), 4), layout="constrained")
+    for ax, mode in zip(fig.subplots(1, len(modes), squeeze=False)[0], modes):
+        sns.lineplot(data=df[df["mode"] == mode], x="routing_iters", y="samples_per_sec", hue="model", marker="o",
+                     estimator=None, ax=ax)  # fmt: skip
+        ax.set(xlabel="routing iterations", ylabel="throughput (images/s, median)", title=mode,
+               xticks=sorted(df.routing_iters.unique()))  # fmt: skip
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"CapsNet cost vs routing iterations (batch {int(df.batch_size.iloc[0])}, "
+                 f"{df.dtype.iloc[0]}, same weights) on {device_name}", fontsize=9)  # fmt: skip
     return fig
 
 
-def summary(df: pd.DataFrame, routing: pd.DataFrame, meta: dict, notes: list[str]) -> str:
+def best_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per model/mode/dtype/compile: best images/s and its batch, the batch-128 numbers, cost."""
+    out = []
+    for (model, mode, dtype, compiled), g in df.groupby(["model", "mode", "dtype", "compile"], sort=False):
+        best, at128 = g.loc[g.samples_per_sec.idxmax()], g[g.batch_size == 128]
+        row = {"model": model, "mode": mode, "dtype": dtype, "compile": compiled,
+               "best images/s": f"{best.samples_per_sec:,.0f} (batch {best.batch_size})",
+               "images/s at batch 128": f"{at128.samples_per_sec.iloc[0]:,.0f}" if len(at128) else "not measured",
+               "ms/step at 128 (IQR)": f"{at128.step_ms_median.iloc[0]:.2f} ({at128.step_ms_iqr.iloc[0]:.2f})" if len(at128) else "-",
+               "peak MiB at 128": f"{at128.peak_mem_mb.iloc[0]:,.0f}" if len(at128) and not math.isnan(at128.peak_mem_mb.iloc[0]) else "-",
+               "MMACs/image": f"{best.macs_per_sample / 1e6:.3g}", "params": f"{best.params:,}"}  # fmt: skip
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def routing_table(routing: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, routing iterations); images/s and ms/step (IQR) per mode."""
+    out = []
+    for (model, iters), g in routing.groupby(["model", "routing_iters"]):
+        row: dict[str, Any] = {"model": model, "routing iterations": iters}
+        for r in g.itertuples():
+            row[f"{r.mode} images/s"] = f"{r.samples_per_sec:,.0f}"
+            row[f"{r.mode} ms/step (IQR)"] = f"{r.step_ms_median:.2f} ({r.step_ms_iqr:.2f})"
+        out.append(row)
+    return pd.DataFrame(out).fillna("-")
+
+
+def summary(df: pd.DataFrame, routing: pd.DataFrame, info: dict[str, Any], cfg: ThroughputConfig,
+            notes: list[str]) -> str:  # fmt: skip
+    cuda = f", CUDA {info['cuda_version']}" if info["cuda_version"] else ""
+    dtypes = ", ".join(sorted(set(df.dtype))) if not df.empty else "-"
     out = ["## Throughput", "",
-           f"Device: {meta['device_name']}; torch {meta['torch_version']}"
-           f"{', CUDA ' + str(meta['cuda_version']) if meta['cuda_version'] else ''}. Inputs resident on the device; "
-           "train = forward, loss, backward and an Adam step; inference = forward without gradients. Median of the timed "
-           "steps after warm-up (IQR beside it); MACs count matrix products and convolutions only.", ""]  # fmt: skip
+           f"Device: {info['device_name']}; {info['cpu_count']} CPU cores, {torch.get_num_threads()} torch threads; "
+           f"torch {info['torch_version']}{cuda}. Autocast dtype: {dtypes}; torch.compile: {cfg.compile}.", "",
+           f"Protocol: random inputs resident on the device; train = forward, the model's own loss, backward and an "
+           f"Adam step on a copy of the model (trained weights untouched); inference = eval-mode forward without "
+           f"gradients. Warm-up steps: {cfg.warmup}; then the median (and IQR) of {cfg.repeats} timed steps, each "
+           f"ended by a device synchronization; images/s = batch / median. Peak memory (CUDA only; NaN on the CPU) "
+           f"is the peak allocated during a setting above what was already allocated. MACs count matrix products "
+           f"and convolutions of one forward (not elementwise work such as squash, softmax, pooling).", ""]  # fmt: skip
     if not df.empty:
-        cols = ["model", "mode", "dtype", "compile", "batch_size", "samples_per_sec", "step_ms_median", "step_ms_iqr",
-                "peak_mem_mb", "params", "macs_per_sample"]  # fmt: skip
-        t = df[cols].assign(samples_per_sec=df.samples_per_sec.round(1), step_ms_median=df.step_ms_median.round(2),
-                            step_ms_iqr=df.step_ms_iqr.round(2), macs_per_sample=(df.macs_per_sample / 1e6).round(1).astype(str) + "M")  # fmt: skip
-        out += [markdown_table(t), ""]
+        out += ["Best throughput per model and mode:", "", markdown_table(best_table(df)), ""]
     if not routing.empty:
-        out += ["CapsNet images/s by routing iterations:", "", markdown_table(routing.round(2)), ""]
+        out += [f"CapsNet cost by routing iterations (same weights, batch {cfg.routing_batch_size}, "
+                f"{routing.dtype.iloc[0]}, eager):", "", markdown_table(routing_table(routing)), ""]  # fmt: skip
     out += [f"- {n}" for n in notes]
-    return "\n".join(out)
+    return "\n".join(out).rstrip() + "\n"
 
 
 PARTS.register("throughput", needs_training=False)((ThroughputConfig, run_throughput))
