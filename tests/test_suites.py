@@ -73,8 +73,8 @@ def test_robustness_smoke_numbers_are_consistent(shared_cache, tmp_path):
         assert (g[g.attack.isin(["fgsm", "pgd"])].accuracy <= base.accuracy).all()  # noise may go either way
         assert clean.loc[model, "accuracy"] > 0.5  # smoke training works on real MNIST
     aff = pd.read_csv(out / "tables" / "affine.csv")
-    assert set(aff.transform) >= {"clean", "rotation", "scale", "shear", "translation", "composite"}
-    assert "affnist" not in set(aff.transform)  # no path given: the row is absent, not faked
+    assert set(aff["transform"]) >= {"clean", "rotation", "scale", "shear", "translation", "composite"}
+    assert "affnist" not in set(aff["transform"])  # no path given: the row is absent, not faked
     summary = (out / "summary.md").read_text()
     assert "not comparable to the paper" in summary and "Sanity checks" in summary
     again = tmp_path / "again"
