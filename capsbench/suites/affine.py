@@ -1,13 +1,17 @@
-"""The affine part (affNIST-style): clean accuracy on centred digits, one sweep per affine
-factor with the others at identity, a composite random-affine set with K copies per digit
-(affNIST uses 32), and the real affNIST test set when a path to it is given."""
+"""The affine part (affNIST-style, after Sabour et al. 2017, section 5.2): clean accuracy on
+centred digits, one sweep per affine factor with the others at identity, a composite
+random-affine set of K copies per digit (affNIST has 32), and the real affNIST test set
+(Tieleman 2013) when a path to it is given. Every model sees the same transformed tensors."""
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
+import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -17,29 +21,32 @@ from capsbench.affnist import load_affnist
 from capsbench.device import autocast
 from capsbench.errors import CapsbenchError
 from capsbench.models import predict
-from capsbench.plots import accuracy_lines, example_grid, with_intervals
+from capsbench.plots import example_grid, with_intervals
 from capsbench.stats import format_accuracy
 from capsbench.suites.base import PARTS, Check, PartResult, RunContext
 from capsbench.summary import markdown_table
-from capsbench.transforms import IDENTITY, UNITS, random_affine, single_factor
+from capsbench.transforms import IDENTITY, UNITS, affine_from_uniforms, single_factor
 
 FACTORS = ("rotation", "scale", "shear", "translation")
+MNIST_BOX = 20  # MNIST digits are size-normalised into a 20x20 box inside the 28x28 frame
+COMPOSITE_COLUMNS = ("rotation_range", "shear_range", "scale_lo", "scale_hi", "copies")
+ORIENTATION_N = 2000  # affNIST images used to check the reader's orientation
 
 
 @dataclass(frozen=True)
 class AffineConfig:
     n: int = 1000  # test digits for the per-factor sweeps (the first n)
-    rotation: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 30.0, 45.0, 60.0])  # degrees
-    scale: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
-    shear: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    rotation: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 30.0, 45.0, 60.0])  # degrees, CCW
+    scale: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])  # > 1 enlarges
+    shear: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # x' = x + shear * y
     translation: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 6.0, 8.0])  # pixels, to the right
     composite_n: int = 1000  # test digits for the composite set
     copies: int = 32  # random transforms per digit (affNIST: 32)
     rotation_range: float = 20.0  # composite: rotation uniform in +-rotation_range degrees
-    shear_range: float = 0.2
-    scale_range: tuple[float, float] = (0.8, 1.2)
+    shear_range: float = 0.2  # composite: shear uniform in +-shear_range
+    scale_range: tuple[float, float] = (0.8, 1.2)  # composite: scale uniform in [lo, hi]
     translate: bool = True  # composite: random translation keeping the digit inside the canvas
-    affnist_path: str = ""  # real affNIST .mat file or folder; empty = no affNIST row
+    affnist_path: str = ""  # real affNIST .mat file or folder; empty = no affNIST row (never faked)
     batch_size: int = 256
 
     def validate(self, where: str) -> None:
@@ -47,170 +54,322 @@ class AffineConfig:
             if getattr(self, key) < 1:
                 raise CapsbenchError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
         for key in FACTORS:
-            if not getattr(self, key):
-                raise CapsbenchError(f"{where}.{key} needs at least one value")
+            values = getattr(self, key)
+            if not values:
+                raise CapsbenchError(f"{where}.{key} needs at least one value, e.g. [{IDENTITY[key]}]")
+            if not all(math.isfinite(v) for v in values):
+                raise CapsbenchError(f"{where}.{key} values must be finite numbers, got {values}")
         if any(abs(v) > 180 for v in self.rotation):
             raise CapsbenchError(f"{where}.rotation values must be within [-180, 180] degrees, got {self.rotation}")
         if any(v <= 0 for v in self.scale):
-            raise CapsbenchError(f"{where}.scale values must be > 0, got {self.scale}")
-        if self.rotation_range < 0 or self.shear_range < 0:
-            raise CapsbenchError(f"{where}: rotation_range and shear_range must be >= 0 (they are +- ranges)")
+            raise CapsbenchError(f"{where}.scale values must be > 0 (1 = unchanged), got {self.scale}")
+        for key in ("rotation_range", "shear_range"):
+            if not getattr(self, key) >= 0:
+                raise CapsbenchError(f"{where}.{key} must be >= 0 (it is a +- range), got {getattr(self, key)}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
-            raise CapsbenchError(f"{where}.scale_range must be [lo, hi] with 0 < lo <= hi, got {list(self.scale_range)}")
+            raise CapsbenchError(
+                f"{where}.scale_range must be [lo, hi] with 0 < lo <= hi"
+                f"{' (range reversed)' if lo > hi > 0 else ''}, got {list(self.scale_range)}"
+            )
+        if self.affnist_path and not Path(self.affnist_path).exists():
+            raise CapsbenchError(f"{where}.affnist_path {self.affnist_path} does not exist; give the affNIST "
+                                 "test .mat file or folder, or leave it empty")  # fmt: skip
 
 
-def count_correct(ctx: RunContext, x: Tensor, y: Tensor, totals: dict[str, Tensor]) -> None:
-    """Add every model's correct predictions on ``x`` to ``totals`` (device tensors, no sync)."""
+def translation_limit(size: int) -> float:
+    """Largest sweep translation (px) on a size x size input: (S - 20) / 2, MNIST's 20 px digit box."""
+    return (size - MNIST_BOX) / 2
+
+
+def check_translation(cfg: AffineConfig, size: int, where: str = "affine") -> None:
+    """Refuse sweep translations that push a centred 20x20 digit box off a size x size input."""
+    limit = translation_limit(size)
+    largest = max(abs(v) for v in cfg.translation)
+    if largest > limit:
+        raise CapsbenchError(
+            f"{where}.translation: {largest:g} px is more than {limit:g} px = (S - 20) / 2 for {size}x{size} "
+            f"inputs (MNIST digits fill a 20x20 box); use values <= {limit:g}"
+        )
+
+
+class Tally:
+    """Correct counts per (transform, value) and model as device tensors, read once at the end,
+    and the range of every transformed pixel (for the [0, 1] check)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.correct: dict[tuple[str, float], dict[str, Tensor]] = {}
+        self.n: dict[tuple[str, float], int] = {}
+        self.lo = torch.full((), math.inf, device=device)
+        self.hi = torch.full((), -math.inf, device=device)
+        self.pixels_n = 0
+
+    def add(self, key: tuple[str, float], counts: dict[str, Tensor], n: int) -> None:
+        into = self.correct.setdefault(key, {})
+        for m, c in counts.items():
+            into[m] = into[m] + c if m in into else c
+        self.n[key] = self.n.get(key, 0) + n
+
+    def pixels(self, x: Tensor) -> None:
+        self.lo = torch.minimum(self.lo, x.min())
+        self.hi = torch.maximum(self.hi, x.max())
+        self.pixels_n += x.shape[0]
+
+
+def count_correct(ctx: RunContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Every model's number of correct predictions on ``x`` (0-dim device tensors, no sync)."""
     with torch.no_grad(), autocast(ctx.device, ctx.dtype):
-        for name, tm in ctx.models.items():
-            totals[name] = totals.get(name, 0) + (predict(tm.model(x)) == y).sum()
+        return {name: (predict(tm.model(x)) == y).sum() for name, tm in ctx.models.items()}
 
 
-def sweep(ctx: RunContext, cfg: AffineConfig, n: int) -> dict[tuple[str, float], dict[str, Tensor]]:
-    """Correct counts per (factor, value) on the first n digits; ("clean", nan) included."""
+def batches(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def sweep(ctx: RunContext, cfg: AffineConfig, n: int, tally: Tally) -> None:
+    """Clean and single-factor accuracy on the first n digits (each batch transformed once)."""
     jobs = [("clean", math.nan)] + [(f, float(v)) for f in FACTORS for v in getattr(cfg, f)]
-    totals: dict[tuple[str, float], dict[str, Tensor]] = {job: {} for job in jobs}
-    for i in tqdm(range(0, n, cfg.batch_size), desc="affine sweeps", unit="batch", disable=not ctx.progress):
-        j = min(i + cfg.batch_size, n)
-        x, y = ctx.test_inputs(ctx.test_x[i:j]), ctx.test_y[i:j]
+    for i, j in tqdm(batches(n, cfg.batch_size), desc="affine sweeps", unit="batch",
+                     disable=not ctx.progress, file=sys.stderr):  # fmt: skip
+        x, y = ctx.test_inputs(ctx.test_x[i:j]), ctx.test_y[i:j]  # (B, 1, S, S)
         for factor, value in jobs:
             xt = x if factor == "clean" else single_factor(x, factor, value)
-            count_correct(ctx, xt, y, totals[(factor, value)])
-    return totals
+            if factor != "clean":
+                tally.pixels(xt)
+            tally.add((factor, value), count_correct(ctx, xt, y), j - i)
 
 
-def composite(ctx: RunContext, cfg: AffineConfig, n: int) -> dict[str, Tensor]:
-    """Correct counts on n digits x K random affine copies; the same images for every model."""
-    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-    totals: dict[str, Tensor] = {}
-    chunks = [(k, i) for k in range(cfg.copies) for i in range(0, n, cfg.batch_size)]
-    for k, i in tqdm(chunks, desc="affine composite", unit="batch", disable=not ctx.progress):
-        j = min(i + cfg.batch_size, n)
-        x, _ = random_affine(ctx.test_inputs(ctx.test_x[i:j]), gen, cfg.rotation_range, cfg.shear_range,
-                             cfg.scale_range, cfg.translate)  # fmt: skip
-        count_correct(ctx, x, ctx.test_y[i:j], totals)
-    return totals
+def composite_uniforms(seed: int, copy: int, n: int) -> Tensor:
+    """(n, 5) uniforms of copy ``copy`` of the composite set: a CPU generator per copy, so the set
+    depends on (seed, copy) only, not on the batch size or the device."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + copy)
+    return torch.rand(n, 5, generator=g)
 
 
-def affnist_counts(ctx: RunContext, cfg: AffineConfig) -> tuple[dict[str, Tensor], int] | None:
-    if not cfg.affnist_path or ctx.input_size != 40:
-        return None
-    x_all, y_all = load_affnist(cfg.affnist_path)
-    totals: dict[str, Tensor] = {}
-    for i in tqdm(range(0, len(x_all), cfg.batch_size), desc="affNIST", unit="batch", disable=not ctx.progress):
-        x = x_all[i : i + cfg.batch_size].to(ctx.device).unsqueeze(1).float() / 255.0
-        count_correct(ctx, x, y_all[i : i + cfg.batch_size].to(ctx.device), totals)
-    return totals, len(x_all)
+def composite_batch(ctx: RunContext, cfg: AffineConfig, i: int, j: int, u: Tensor) -> tuple[Tensor, dict]:
+    """Digits i..j of one composite copy whose uniforms are ``u`` (n, 5)."""
+    x = ctx.test_inputs(ctx.test_x[i:j])
+    return affine_from_uniforms(x, u[i:j], cfg.rotation_range, cfg.shear_range, cfg.scale_range, cfg.translate)
+
+
+def composite(ctx: RunContext, cfg: AffineConfig, n: int, tally: Tally) -> Tensor:
+    """n digits x K random affine copies, generated once per batch and shown to every model.
+    Returns the number of images whose digit did not fit (translation 0 on some axis)."""
+    misfits = torch.zeros((), dtype=torch.long, device=ctx.device)
+    chunks = batches(n, cfg.batch_size)
+    bar = tqdm(total=cfg.copies * len(chunks), desc="affine composite", unit="batch",
+               disable=not ctx.progress, file=sys.stderr)  # fmt: skip
+    for k in range(cfg.copies):
+        u = composite_uniforms(ctx.seed, k, n)
+        for i, j in chunks:
+            x, p = composite_batch(ctx, cfg, i, j, u)
+            tally.pixels(x)
+            misfits += (~p["fits"]).sum()
+            tally.add(("composite", math.nan), count_correct(ctx, x, ctx.test_y[i:j]), j - i)
+            bar.update()
+    bar.close()
+    return misfits
+
+
+def affnist(ctx: RunContext, cfg: AffineConfig, tally: Tally) -> Tally:
+    """Real affNIST accuracy into ``tally``. Returns the orientation check's counts: on the
+    first ORIENTATION_N images, correct as read and with every image transposed."""
+    x_all, y_all = load_affnist(cfg.affnist_path)  # (N, 40, 40) uint8, (N,) int64 on the CPU
+    m = min(ORIENTATION_N, len(x_all))
+    orient = Tally(ctx.device)
+    for i, j in tqdm(batches(len(x_all), cfg.batch_size), desc="affNIST", unit="batch",
+                     disable=not ctx.progress, file=sys.stderr):  # fmt: skip
+        x = x_all[i:j].to(ctx.device).unsqueeze(1).float().div_(255.0)  # (B, 1, 40, 40)
+        y = y_all[i:j].to(ctx.device)
+        k = max(0, min(j, m) - i)  # images of this batch inside the orientation sample
+        if k:
+            head = count_correct(ctx, x[:k], y[:k])
+            tally.add(("affnist", math.nan), head, k)
+            orient.add(("as read", 0.0), head, k)
+            orient.add(("transposed", 0.0), count_correct(ctx, x[:k].transpose(-1, -2), y[:k]), k)
+        if k < j - i:
+            tally.add(("affnist", math.nan), count_correct(ctx, x[k:], y[k:]), j - i - k)
+    return orient
 
 
 def run_affine(ctx: RunContext, cfg: AffineConfig) -> PartResult:
+    S = ctx.input_size
+    check_translation(cfg, S)
     n, cn = min(cfg.n, len(ctx.test_x)), min(cfg.composite_n, len(ctx.test_x))
+    if n == 0:
+        raise CapsbenchError("the affine part needs test digits; the run's test set is empty (test_n)")
+    tally = Tally(ctx.device)
+    sweep(ctx, cfg, n, tally)
+    misfits = composite(ctx, cfg, cn, tally)
+    orient = affnist(ctx, cfg, tally) if cfg.affnist_path and S == 40 else Tally(ctx.device)
+    df, host = table(ctx, cfg, tally, misfits, orient)
+    checks = identity_checks(df) + [pixel_check(host)] + composite_checks(df) + orientation_checks(host["orientation"])
+    figures = {"affine_sweeps": sweeps_figure(df, S, n), "affine_composite": composite_figure(df, cfg),
+               "affine_examples": examples_figure(ctx, cfg, n, cn)}  # fmt: skip
+    return PartResult({"affine": df}, figures, summary(df, ctx, cfg, n, host), checks)
+
+
+def table(ctx: RunContext, cfg: AffineConfig, tally: Tally, misfits: Tensor,
+          orient: Tally) -> tuple[pd.DataFrame, dict]:  # fmt: skip
+    """The flat rows, and the numbers the checks and the summary need, with one host read."""
+    keys = [(key, m) for key, per in tally.correct.items() for m in per]
+    okeys = [(key, m) for key, per in orient.correct.items() for m in per]
+    tensors = [tally.correct[k][m] for k, m in keys] + [orient.correct[k][m] for k, m in okeys]
+    values = torch.stack([t.double() for t in tensors + [misfits, tally.lo, tally.hi]]).tolist()
+    comp = dict(zip(COMPOSITE_COLUMNS, (cfg.rotation_range, cfg.shear_range, *cfg.scale_range, cfg.copies)))
     rows = []
-    for (factor, value), totals in sweep(ctx, cfg, n).items():
-        rows += [_row(m, factor, value, c, n, ctx.seed) for m, c in totals.items()]
-    comp = {"rotation_range": cfg.rotation_range, "shear_range": cfg.shear_range, "scale_lo": cfg.scale_range[0],
-            "scale_hi": cfg.scale_range[1], "copies": cfg.copies}  # fmt: skip
-    rows += [{**_row(m, "composite", math.nan, c, cn * cfg.copies, ctx.seed), **comp} for m, c in composite(ctx, cfg, cn).items()]
-    real = affnist_counts(ctx, cfg)
-    if real is not None:
-        rows += [_row(m, "affnist", math.nan, c, real[1], ctx.seed) for m, c in real[0].items()]
-    df = pd.DataFrame(rows)
-    for col in comp:
-        df[col] = df.get(col, math.nan)
-    checks = identity_checks(df, cfg)
-    figures = {"affine_sweeps": sweeps_figure(df, ctx), "affine_composite": composite_figure(df),
-               "affine_examples": examples_figure(ctx, cfg)}  # fmt: skip
-    return PartResult({"affine": df}, figures, summary(df, ctx, cfg, real is not None), checks)
+    for ((transform, value), model), c in zip(keys, values):
+        n = tally.n[(transform, value)]
+        row = {"model": model, "transform": transform, "value": value, "accuracy": c / n, "n": n,
+               "seed": ctx.seed, "correct": int(c)}  # fmt: skip
+        rows.append({**row, **(comp if transform == "composite" else dict.fromkeys(comp, math.nan))})
+    found = {(k[0], m): int(c) for (k, m), c in zip(okeys, values[len(keys) :])}
+    oriented = {m: (found[("as read", m)], found[("transposed", m)], orient.n[("as read", 0.0)])
+                for (k, m) in okeys if k[0] == "as read"}  # fmt: skip
+    bad, lo, hi = values[-3:]
+    host = {"misfits": int(bad), "lo": lo, "hi": hi, "pixels_n": tally.pixels_n, "orientation": oriented}
+    return pd.DataFrame(rows), host
 
 
-def _row(model: str, transform: str, value: float, correct: Tensor, n: int, seed: int) -> dict:
-    c = int(correct.item()) if isinstance(correct, Tensor) else int(correct)
-    return {"model": model, "transform": transform, "value": value, "accuracy": c / n, "n": n, "seed": seed, "correct": c}
-
-
-def identity_checks(df: pd.DataFrame, cfg: AffineConfig) -> list[Check]:
+def identity_checks(df: pd.DataFrame) -> list[Check]:
+    """Identity parameters must give exactly the clean count (the transform returns the input)."""
     checks = []
-    for model, g in df.groupby("model"):
+    for model, g in df.groupby("model", sort=False):
         clean = g[g["transform"] == "clean"].iloc[0]
         for factor in FACTORS:
-            ident = g[(g["transform"] == factor) & (g.value == IDENTITY[factor])]
+            ident = g[(g["transform"] == factor) & (g["value"] == IDENTITY[factor])]
             if not ident.empty:
                 r = ident.iloc[0]
-                checks.append(Check(f"{model} {factor}={IDENTITY[factor]:g} equals clean", bool(r.correct == clean.correct),
+                checks.append(Check(f"affine {model}: {factor} {IDENTITY[factor]:g} equals clean exactly",
+                                    bool(r.correct == clean.correct),
                                     f"{r.correct}/{r.n} vs clean {clean.correct}/{clean.n}"))  # fmt: skip
-        comp = g[g["transform"] == "composite"].iloc[0]
-        checks.append(Check(f"{model}: composite affine accuracy <= clean (informational)",
-                            bool(comp.accuracy <= clean.accuracy),
-                            f"composite {100 * comp.accuracy:.1f}% (n={comp.n}) vs clean {100 * clean.accuracy:.1f}%"))  # fmt: skip
     return checks
 
 
-def sweeps_figure(df: pd.DataFrame, ctx: RunContext) -> Figure:
-    fig = Figure(figsize=(12, 8))
+def pixel_check(host: dict) -> Check:
+    ok = host["lo"] >= 0 and host["hi"] <= 1
+    return Check("affine: transformed pixels within [0, 1]", bool(ok),
+                 f"min {host['lo']:.4g}, max {host['hi']:.4g} over {host['pixels_n']} transformed images")  # fmt: skip
+
+
+def composite_checks(df: pd.DataFrame) -> list[Check]:
+    checks = []
+    for model, g in df.groupby("model", sort=False):
+        clean = g[g["transform"] == "clean"].iloc[0]
+        comp = g[g["transform"] == "composite"].iloc[0]
+        checks.append(Check(f"affine {model}: composite accuracy <= clean (informational)",
+                            bool(comp.accuracy <= clean.accuracy),
+                            f"composite {100 * comp.accuracy:.1f}% (n={comp.n}) vs clean {100 * clean.accuracy:.1f}% "
+                            f"(n={clean.n})"))  # fmt: skip
+    return checks
+
+
+def orientation_checks(orient: dict[str, tuple[int, int, int]]) -> list[Check]:
+    """A model trained on upright digits does better on upright affNIST than on its transpose."""
+    return [
+        Check(f"affine {m}: affNIST orientation (as read >= transposed)", a >= b,
+              f"first {n} images: {100 * a / n:.1f}% as read vs {100 * b / n:.1f}% transposed; if transposed "
+              "wins, the reader's orientation (capsbench/affnist.py) is wrong")  # fmt: skip
+        for m, (a, b, n) in orient.items()
+    ]
+
+
+def sweeps_figure(df: pd.DataFrame, S: int, n: int) -> Figure:
+    fig = Figure(figsize=(12, 8.5))
     axes = fig.subplots(2, 2).ravel()
+    d = with_intervals(df)
+    models = list(dict.fromkeys(d.model))
+    colors = dict(zip(models, sns.color_palette("colorblind", len(models))))
     for ax, factor in zip(axes, FACTORS):
-        accuracy_lines(df[df["transform"] == factor], x="value", hue="model", xlabel=f"{factor} ({UNITS[factor]})",
-                       title=f"{factor} (others at identity)", ax=ax)  # fmt: skip
-    fig.suptitle(f"Accuracy under single affine factors ({ctx.input_size}x{ctx.input_size} inputs, 95% Wilson bands)")
+        for m in models:
+            g = d[(d.model == m) & (d["transform"] == factor)].sort_values("value")
+            ax.errorbar(g.value, g.pct, yerr=[g.pct - g.lo, g.hi - g.pct], marker="o", ms=4, capsize=3,
+                        color=colors[m], label=m)  # fmt: skip
+            clean = d[(d.model == m) & (d["transform"] == "clean")].pct.iloc[0]
+            ax.axhline(clean, color=colors[m], linestyle=":", linewidth=1)
+        ax.set(xlabel=f"{factor} ({UNITS[factor]})", ylabel="accuracy (%)", ylim=(-2, 102),
+               title=f"{factor}, other factors at identity")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="dotted: clean", title_fontsize=7)
+    fig.suptitle(f"Accuracy under one affine factor at a time ({S}x{S} inputs, first {n} test digits, "
+                 "bilinear resampling; 95% Wilson intervals)")  # fmt: skip
     fig.tight_layout()
     return fig
 
 
-def composite_figure(df: pd.DataFrame) -> Figure:
+def composite_figure(df: pd.DataFrame, cfg: AffineConfig) -> Figure:
     d = with_intervals(df[df["transform"].isin(["clean", "composite", "affnist"])])
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
-    sets = list(dict.fromkeys(d["transform"]))
-    models = sorted(d.model.unique())
+    sets = [t for t in ("clean", "composite", "affnist") if t in set(d["transform"])]
+    models = list(dict.fromkeys(d.model))
+    colors = dict(zip(sets, sns.color_palette("colorblind", len(sets))))
     width = 0.8 / len(sets)
     for k, t in enumerate(sets):
-        g = d[d["transform"] == t].set_index("model").loc[models]
+        g = d[d["transform"] == t].set_index("model").reindex(models)
         xs = [i + k * width for i in range(len(models))]
-        ax.bar(xs, g.pct, width, label=t, yerr=[g.pct - g.lo, g.hi - g.pct], capsize=3)
+        label = {"clean": "clean (centred)", "composite": f"composite ({cfg.copies} copies)", "affnist": "affNIST"}[t]
+        ax.bar(xs, g.pct, width, label=label, color=colors[t], yerr=[g.pct - g.lo, g.hi - g.pct], capsize=3)
     ax.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(models))], models)
-    ax.set(ylabel="accuracy (%)", ylim=(0, 102), title="Clean (centred) vs affNIST-style composite accuracy")
-    ax.legend()
+    lo, hi = cfg.scale_range
+    ax.set(ylabel="accuracy (%)", ylim=(0, 102), xlabel="model",
+           title=f"Clean vs affNIST-style composite (rotation +-{cfg.rotation_range:g} deg, shear "
+                 f"+-{cfg.shear_range:g}, scale {lo:g}-{hi:g}); 95% Wilson intervals")  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
     return fig
 
 
-def examples_figure(ctx: RunContext, cfg: AffineConfig) -> Figure:
-    k = min(6, len(ctx.test_x))
+def examples_figure(ctx: RunContext, cfg: AffineConfig, n: int, cn: int) -> Figure:
+    """The first digits: clean, each factor at its most extreme sweep value, composite copies 0-1."""
+    k = min(6, n, cn)
     x = ctx.test_inputs(ctx.test_x[:k])
     rows, names = [x], ["clean"]
     for f in FACTORS:
         v = max(getattr(cfg, f), key=lambda v: abs(v - IDENTITY[f]))
         rows.append(single_factor(x, f, v))
         names.append(f"{f} {v:g}")
-    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-    rows.append(random_affine(x, gen, cfg.rotation_range, cfg.shear_range, cfg.scale_range, cfg.translate)[0])
-    names.append("composite")
-    labels = [[str(int(v)) for v in ctx.test_y[:k]] for _ in rows]
-    return example_grid(rows, names, labels, title="Affine test transforms (cell title: true label)")
-
-
-def summary(df: pd.DataFrame, ctx: RunContext, cfg: AffineConfig, has_affnist: bool) -> str:
+    for copy in range(min(2, cfg.copies)):
+        rows.append(composite_batch(ctx, cfg, 0, k, composite_uniforms(ctx.seed, copy, cn))[0])
+        names.append(f"composite #{copy}")
+    labels = [[f"label {int(v)}" for v in ctx.test_y[:k].tolist()] for _ in rows]
     S = ctx.input_size
+    return example_grid(rows, names, labels, title=f"Affine test transforms on {S}x{S} inputs (the images evaluated)")
+
+
+def summary(df: pd.DataFrame, ctx: RunContext, cfg: AffineConfig, n: int, host: dict) -> str:
+    S, lo, hi = ctx.input_size, *cfg.scale_range
     clean_what = f"digits centred on the {S}x{S} canvas (\"expanded MNIST\")" if S > 28 else "unshifted 28x28 digits"
+    n_comp = int(df[df["transform"] == "composite"].n.iloc[0])
+    trans = ("uniform per axis within the range that keeps the transformed digit (plus the bilinear kernel's "
+             "reach) inside the canvas, 0 on an axis where it does not fit"
+             f" ({host['misfits']} of {n_comp} images)") if cfg.translate else "none"  # fmt: skip
     out = [
         "## Affine (affNIST-style)",
         "",
-        f"Inputs {S}x{S}; clean = {clean_what}. Sweeps on the first {cfg.n} test digits, one factor at a time "
-        "(others at identity; bilinear resampling, zero padding, pixels clamped to [0, 1]); translation moves "
-        f"the digit right. Composite affNIST-style set: {cfg.composite_n} digits x {cfg.copies} random transforms "
-        f"(seed {ctx.seed}): rotation +-{cfg.rotation_range} deg, shear +-{cfg.shear_range}, scale "
-        f"{cfg.scale_range[0]}-{cfg.scale_range[1]}, translation {'uniform within the range that keeps the digit inside the canvas' if cfg.translate else 'none'}. "
-        "95% Wilson intervals.",
-        "",
+        f"- inputs {S}x{S}; clean = {clean_what}; sweeps on the first {n} test digits, one factor at a time with "
+        "the others at identity (bilinear resampling, zero padding, pixels clamped to [0, 1]); rotation in "
+        "degrees counter-clockwise, scale > 1 enlarges, shear x' = x + s*y, "
+        f"translation in pixels to the right (at most (S - 20) / 2 = {translation_limit(S):g} px)",
+        f"- composite affNIST-style set: {n_comp // cfg.copies} digits x {cfg.copies} random transforms, drawn once "
+        f"from seed {ctx.seed} (the same images for every model): rotation U[-{cfg.rotation_range:g}, "
+        f"{cfg.rotation_range:g}] deg, shear U[-{cfg.shear_range:g}, {cfg.shear_range:g}], scale U[{lo:g}, {hi:g}], "
+        f"translation {trans}",
     ]
-    if cfg.affnist_path and not has_affnist:
-        out += [f"Real affNIST (`{cfg.affnist_path}`) was not evaluated: it is 40x40 and these models take {S}x{S} inputs.", ""]
-    elif not cfg.affnist_path:
-        out += ["Real affNIST: not evaluated (set `affine.affnist_path`); no row is reported for it.", ""]
-    d = df.assign(cell=[format_accuracy(a, int(n)) for a, n in zip(df.accuracy, df.n)],
-                  setting=[t if math.isnan(v) else f"{t} {v:g}" for t, v in zip(df["transform"], df.value)])  # fmt: skip
-    piv = d.pivot_table(index="setting", columns="model", values="cell", aggfunc="first", sort=False).reset_index()
-    out += [markdown_table(piv), ""]
+    if cfg.affnist_path and S != 40:
+        out += [f"- real affNIST (`{cfg.affnist_path}`) skipped: it is 40x40 and these models take {S}x{S} inputs"]
+    elif cfg.affnist_path:
+        n_aff = int(df[df["transform"] == "affnist"].n.iloc[0])
+        out += [f"- real affNIST: {n_aff} images from `{cfg.affnist_path}`, columns read row-major"]
+    else:
+        out += ["- real affNIST: not evaluated (set `affine.affnist_path`); no row is reported for it"]
+    out += ["- accuracies with 95% Wilson intervals; checks (identity = clean, pixels in [0, 1], composite <= clean) "
+            "are under Sanity checks", ""]  # fmt: skip
+    for model, g in df.groupby("model", sort=False):
+        cells = [{"transform": t, "value": "" if math.isnan(v) else f"{v:g}",
+                  "accuracy [95% CI]": format_accuracy(a, int(k))}
+                 for t, v, a, k in zip(g["transform"], g["value"], g.accuracy, g.n)]  # fmt: skip
+        out += [f"### {model}", "", markdown_table(pd.DataFrame(cells)), ""]
     return "\n".join(out)
 
 
