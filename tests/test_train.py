@@ -128,3 +128,47 @@ def test_two_processes_share_one_training_run(cache_root):
         assert p.exitcode == 0
     assert sorted(r[0] for r in results) == [False, True]  # one trained, the other waited and reused
     assert results[0][1] == results[1][1]
+
+
+KILL_SCRIPT = """
+import sys, torch
+from capsbench.models import build_model
+from capsbench.train.config import train_config
+from capsbench.train.loop import Trainer
+from tests.conftest import FakeMNIST, synthetic_digits
+tx, ty = synthetic_digits(2048, 0)
+vx, vy = synthetic_digits(256, 1)
+torch.manual_seed(0)
+cfg = train_config("smoke", steps=80, checkpoint_every=10, log_every=5, test_subset=64)
+Trainer(build_model("cnn-pooled"), cfg, FakeMNIST(tx, ty, vx, vy), torch.device("cpu"), sys.argv[1], progress=False).run()
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_identical_weights(fake_mnist, tmp_path):
+    """A real kill -9 mid-run: the atomic checkpoint survives and resuming ends bit-identical."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ckpt = tmp_path / "ckpt.pt"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(ckpt)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it run on past the checkpoint, into an unsaved stretch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = checkpoint.load(ckpt)["step"]
+    assert 0 < step < 80, "the kill should land mid-run"
+    cfg = train_config("smoke", steps=80, checkpoint_every=10, log_every=5, test_subset=64)
+    resumed, result = _train(fake_mnist, cfg, ckpt, seed=99)
+    full, _ = _train(fake_mnist, cfg)
+    assert result.steps == 80
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

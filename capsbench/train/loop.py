@@ -99,15 +99,16 @@ class Trainer:
     """Trains one model on MNIST tensors already on ``device``; resumes from ``ckpt_path``."""
 
     def __init__(self, model: BenchModel, cfg: TrainConfig, data: Any, device: torch.device,
-                 ckpt_path: Path | None = None, progress: bool = True, label: str = "") -> None:  # fmt: skip
+                 ckpt_path: str | Path | None = None, progress: bool = True, label: str = "") -> None:  # fmt: skip
         if model.input_size != cfg.input_size:
             raise CapsbenchError(
                 f"model input_size {model.input_size} does not match the training protocol's "
                 f"{cfg.input_size}x{cfg.input_size} (augment={cfg.augment}, canvas={cfg.canvas})"
             )
         self.model, self.cfg, self.device = model.to(device), cfg, device
-        self.ckpt_path, self.progress, self.label = ckpt_path, progress, label
-        n = cfg.train_subset or len(data.train_x)
+        self.ckpt_path = None if ckpt_path is None else Path(ckpt_path)
+        self.progress, self.label = progress, label
+        n = min(cfg.train_subset or len(data.train_x), len(data.train_x))  # a subset larger than the data = all of it
         self.train_x, self.train_y = data.train_x[:n].to(device), data.train_y[:n].to(device)
         m = cfg.test_subset or len(data.test_x)
         self.test_x, self.test_y = data.test_x[:m].to(device), data.test_y[:m].to(device)
