@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from capsbench.data import augment
@@ -84,15 +84,39 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+class CompileOrEager:
+    """``torch.compile(module)`` that falls back to eager, with one notice, if compiling fails.
+
+    torch.compile is lazy: a missing C compiler or an unsupported op shows up on the first call,
+    not when compile() returns. The first failure switches this wrapper to eager for good.
+    """
+
+    def __init__(self, module: nn.Module, **options: Any) -> None:
+        self.module = module
+        try:
+            self.compiled: Callable | None = torch.compile(module, **options)
+        except Exception as e:  # noqa: BLE001 - compile is optional
+            self._fallback(e)
+
+    def _fallback(self, e: BaseException) -> None:
+        self.compiled = None
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        print(f"notice: torch.compile unavailable here ({type(e).__name__}: {first}); running eagerly", file=sys.stderr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except CapsbenchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a real bug fails again, eagerly, below
+                self._fallback(e)
+        return self.module(*args, **kwargs)
+
+
 def maybe_compile(model: BenchModel, enabled: bool) -> Callable:
     """``torch.compile`` the forward when asked; fall back to eager with one notice."""
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as e:  # compile is optional: any failure means eager
-        print(f"notice: torch.compile unavailable ({type(e).__name__}); training eagerly", file=sys.stderr)
-        return model
+    return CompileOrEager(model) if enabled else model
 
 
 class Trainer:
