@@ -11,7 +11,7 @@ equals clean accuracy exactly.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -82,6 +82,10 @@ class Attack:
         the true classes, or the target classes for a targeted attack."""
         if self.eps == 0:
             return x
+        return self.batched(lambda xb, lb: self.perturb(xb, lb, generator).detach().clamp_(0, 1), x, labels)
+
+    def batched(self, fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, labels: Tensor) -> Tensor:
+        """``fn`` over batches of (x, labels) on the model's device, in attack mode."""
         device = model_device(self.model)
         x, labels = x.to(device), labels.to(device)
         self.zero_grads = torch.zeros((), dtype=torch.long, device=device)
@@ -90,28 +94,43 @@ class Attack:
         with attack_mode(self.model), torch.enable_grad():
             for i in range(0, len(x), bs):
                 self._first_grad = True
-                out.append(self.perturb(x[i : i + bs].float(), labels[i : i + bs], generator).detach().clamp_(0, 1))
+                out.append(fn(x[i : i + bs].float(), labels[i : i + bs]))
         return torch.cat(out) if out else x
 
 
+class SingleStep(Attack):
+    """One signed-gradient step: x + eps * d with d = step_sign * sign(grad). d does not depend on
+    eps, so an eps sweep needs one gradient: :meth:`direction`, then :meth:`from_direction`."""
+
+    step_sign = 1.0
+
+    def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
+        return x + self.eps * (self.step_sign * self.loss_grad(x, labels).sign())
+
+    def direction(self, x: Tensor, labels: Tensor) -> Tensor:
+        """d (B, 1, S, S) in {-1, 0, 1}; sets ``zero_grads`` like a call does."""
+        return self.batched(lambda xb, lb: (self.step_sign * self.loss_grad(xb, lb).sign()).detach(), x, labels)
+
+    def from_direction(self, x: Tensor, d: Tensor) -> Tensor:
+        """Exactly what a call at this eps returns, given ``direction``'s d for the same x."""
+        if self.eps == 0:
+            return x
+        return (x.to(d.device).float() + self.eps * d).clamp_(0, 1)
+
+
 @ATTACKS.register("fgsm")
-class FGSM(Attack):
+class FGSM(SingleStep):
     """Fast Gradient Sign Method (Goodfellow et al. 2015), untargeted, L-inf:
     x + eps * sign(grad_x loss(x, y)), one step, no random start."""
 
-    def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
-        return x + self.eps * self.loss_grad(x, labels).sign()
-
 
 @ATTACKS.register("fgsm-targeted")
-class TargetedFGSM(Attack):
+class TargetedFGSM(SingleStep):
     """Targeted FGSM (Kurakin et al. 2017), L-inf: one step *down* the target class's loss,
     x - eps * sign(grad_x loss(x, target))."""
 
     targeted = True
-
-    def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
-        return x - self.eps * self.loss_grad(x, labels).sign()
+    step_sign = -1.0
 
 
 @ATTACKS.register("pgd")

@@ -310,3 +310,17 @@ def test_checks_fail_on_bad_numbers():
     checks = {c.name: c for c in sanity_checks(df, counts, ["m"])}
     assert not checks["m pgd: eps=0 equals clean"].passed and checks["m fgsm: eps=0 equals clean"].passed
     assert not checks["m fgsm: white-box at least as strong as transfer from other"].passed
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgsm-targeted"])
+def test_single_step_direction_reuse_gives_the_images_of_a_fresh_call(name, trained_caps, data):
+    """The adversarial part computes a single-step attack's direction once per eps sweep; every eps
+    must still get bit-identical images to a fresh attack at that eps, with the same masking count."""
+    _, _, x, y = data
+    labels = labels_for(name, y)
+    d = make(name, trained_caps, 0.1).direction(x, labels)
+    assert set(d.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    for eps in (0.0, 0.05, 0.3):
+        fresh = make(name, trained_caps, eps)
+        expected = fresh(x, labels)
+        assert torch.equal(make(name, trained_caps, eps).from_direction(x, d), expected)

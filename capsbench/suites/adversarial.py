@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capsbench.attacks import ATTACKS, PGD, Attack
+from capsbench.attacks import ATTACKS, PGD, Attack, SingleStep
 from capsbench.device import autocast
 from capsbench.errors import CapsbenchError
 from capsbench.models import BenchModel, predict
@@ -132,21 +132,30 @@ def run_attacks(ctx: RunContext, cfg: AdversarialConfig, data: Inputs) -> Tally:
         tally.add((name, "clean@pgd", 0.0, name), p[: data.pgd_n], data.y[: data.pgd_n])
     jobs = [(s, a, e) for s in ctx.models for a in attack_list(cfg) for e in cfg.eps]
     noise_gen = torch.Generator(device=ctx.device)
+    directions: dict[tuple[str, str], Tensor] = {}  # single-step attacks: one gradient per eps sweep
     for source, attack, eps in tqdm(jobs, desc="adversarial", unit="attack", disable=not ctx.progress, file=sys.stderr):
         if attack == "noise" and eps == cfg.eps[0]:
             noise_gen.manual_seed(ctx.seed + 1)  # every model sees the same noise images
-        run_job(ctx, cfg, data, tally, (source, attack, eps), noise_gen)
+        run_job(ctx, cfg, data, tally, (source, attack, eps), noise_gen, directions)
     return tally
 
 
 def run_job(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, tally: Tally, job: tuple[str, str, float],
-            gen: torch.Generator) -> None:  # fmt: skip
-    """One (source model, attack, eps): craft the examples, score them, count."""
+            gen: torch.Generator, directions: dict[tuple[str, str], Tensor]) -> None:  # fmt: skip
+    """One (source model, attack, eps): craft the examples, score them, count. A single-step
+    attack's direction is computed at its first eps > 0 and reused for the others (the same
+    images a fresh call would give, one gradient instead of one per eps)."""
     source, attack, eps = job
     k = data.pgd_n if attack == "pgd" else len(data.y)
     y, t = data.y[:k], data.targets[:k]
     atk = make_attack(attack, ctx.models[source].model, eps, cfg, ctx.dtype)
-    adv = atk(data.x[:k], t if attack == "fgsm-targeted" else y, gen)
+    labels = t if attack == "fgsm-targeted" else y
+    if isinstance(atk, SingleStep) and eps > 0:
+        if (source, attack) not in directions:
+            directions[(source, attack)] = atk.direction(data.x[:k], labels)
+        adv = atk.from_direction(data.x[:k], directions[(source, attack)])
+    else:
+        adv = atk(data.x[:k], labels, gen)
     if attack == "fgsm" and eps > 0 and (source, "zero-grad", 0.0, source) not in tally.n:
         tally.put((source, "zero-grad", 0.0, source), atk.zero_grads, k)  # the gradient at x: same for every eps
     scored = ctx.models if (cfg.transfer and attack in TRANSFERRED) else {source: ctx.models[source]}
