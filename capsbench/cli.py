@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("list", parents=[common], help="list models, presets, suites",
+    p = sub.add_parser("list", parents=[common], help="list models, presets, suites, claims",
                        description="List what capsbench knows about.")  # fmt: skip
-    p.add_argument("what", choices=["models", "presets", "suites"], help="what to list")
+    p.add_argument("what", choices=["models", "presets", "suites", "claims"], help="what to list")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("data", parents=[common], help="MNIST: show or fill the cache",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from capsbench.registry import Registry
@@ -52,4 +53,16 @@ def list_suites() -> list[dict[str, Any]]:
     for name, path in known_suites().items():
         raw = read_suite(path)
         rows.append({"suite": name, "parts": ", ".join(raw.get("parts", [])), "description": raw.get("description", "")})
+    return rows
+
+
+@LISTS.register("claims")
+def list_claims() -> list[dict[str, Any]]:
+    from capsbench.claims import load_claims
+
+    rows = []
+    for c in load_claims().values():
+        value = "qualitative" if math.isnan(c.paper_value) else f"{c.paper_value:g} {c.unit}"
+        rows.append({"claim": c.id, "paper value": value, "tolerance rule": c.tolerance_rule,
+                     "source": c.source, "statement": c.statement})  # fmt: skip
     return rows

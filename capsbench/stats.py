@@ -18,6 +18,38 @@ def wilson_interval(correct: float, n: int, confidence: float = 0.95) -> tuple[f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (95% two-sided).
+
+    Table values up to 30; beyond, the Cornish-Fisher expansion around the normal quantile
+    (error below 1e-4 there)."""
+    if df < 1:
+        raise ValueError("a t interval needs at least 2 values (df >= 1)")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = NormalDist().inv_cdf(0.975)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def seed_summary(values: list[float]) -> dict[str, float]:
+    """Mean, sample std and 95% t-interval over per-seed values (a single value: no interval)."""
+    n = len(values)
+    if n == 0:
+        return {"mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 0}
+    mean = sum(values) / n
+    if n == 1:
+        return {"mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 1}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n_seeds": n}
+
+
 def format_accuracy(acc: float, n: int) -> str:
     """'97.3% [96.1, 98.2] (n=1000)': accuracy with its 95% Wilson interval."""
     lo, hi = wilson_interval(acc * n, n)
