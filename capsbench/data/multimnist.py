@@ -14,7 +14,6 @@ from torch import Tensor
 
 from capsbench.data.augment import place, to_float
 
-CANVAS = 36
 COMBINES = ("max", "sum")
 
 
