@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import pandas as pd
+
 from capsbench.errors import CapsbenchError
+from capsbench.stats import newcombe_interval, seed_summary, wilson_interval
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
-FIELDS = ("source", "statement", "paper_value", "unit", "metric", "protocol", "model", "options")
+FIELDS = ("source", "statement", "paper_value", "unit", "metric", "protocol", "model", "options", "part", "table",
+          "value", "where")
+VALUES = ("accuracy", "error", "params")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,11 @@ class Claim:
     model: str
     band: tuple[float, float]
     options: dict[str, Any] = field(default_factory=dict)
+    part: str = ""  # the suite part whose table measures it
+    table: str = ""  # the run table (tables/<table>.csv)
+    value: str = "accuracy"  # accuracy, error or params, read for `model`
+    where: dict[str, Any] = field(default_factory=dict)  # row filter; a list = first value with rows
+    minus: str = ""  # a second model to subtract (a difference claim), on the same images
 
     @property
     def tolerance_rule(self) -> str:
@@ -60,8 +70,11 @@ def _claim(cid: str, raw: dict[str, Any]) -> Claim:
         raise CapsbenchError(f"claim {cid!r} needs a band, or a finite paper_value with a tolerance")
     if not lo < hi:
         raise CapsbenchError(f"claim {cid!r}: band [{lo}, {hi}] is empty")
+    if raw["value"] not in VALUES:
+        raise CapsbenchError(f"claim {cid!r}: value must be one of {', '.join(VALUES)}, got {raw['value']!r}")
     return Claim(cid, raw["source"], raw["statement"], float(raw["paper_value"]), raw["unit"], raw["metric"],
-                 raw["protocol"], raw["model"], (lo, hi), dict(raw["options"]))  # fmt: skip
+                 raw["protocol"], raw["model"], (lo, hi), dict(raw["options"]), raw["part"], raw["table"],
+                 raw["value"], dict(raw["where"]), raw.get("minus", ""))  # fmt: skip
 
 
 def load_claims(text: str | None = None) -> dict[str, Claim]:
@@ -99,3 +112,88 @@ def verdict(claim: Claim, ci_low: float | None, ci_high: float | None) -> str:
     if ci_high < lo or ci_low > hi:
         return "not reproduced"
     return "inconclusive"
+
+
+# --- measuring a claim from a run's tables ------------------------------------------------------
+
+
+def _rows(df: pd.DataFrame, model: str, where: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows of ``model`` matching ``where``, and the values chosen where a list gave options."""
+    rows = df[df.model == model]
+    if "source_model" in rows.columns:
+        rows = rows[rows.source_model == model]  # white-box: the model attacked through itself
+    chosen: dict[str, Any] = {}
+    for col, want in where.items():
+        if col not in rows.columns:
+            return rows.iloc[:0], chosen
+        for w in want if isinstance(want, list) else [want]:
+            hit = rows[(rows[col] - w).abs() < 1e-9] if isinstance(w, float) else rows[rows[col] == w]
+            if len(hit):
+                rows, chosen[col] = hit, w
+                break
+        else:
+            return rows.iloc[:0], chosen
+    return rows, chosen
+
+
+def _proportions(claim: Claim, rows: pd.DataFrame) -> dict[int, tuple[float, int]]:
+    """seed -> (count, n) of the claim's proportion (correct, or wrong for an error claim)."""
+    out = {}
+    for r in rows.itertuples():
+        n = int(r.n)
+        if claim.value == "error":
+            k = r.error * n if "error" in rows.columns else n - r.accuracy * n
+        else:
+            k = r.correct if "correct" in rows.columns else r.accuracy * n
+        out[int(getattr(r, "seed", 0))] = (float(k), n)
+    return out
+
+
+def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | None:
+    """Mean and 95% interval of the claim's quantity (in its unit) from a run's tables; None when
+    the run has no such measurement. One seed: Wilson (or Newcombe for a difference) over the n
+    images; several: a t-interval over the per-seed values."""
+    df = tables.get(claim.table)
+    if df is None or df.empty or "model" not in df.columns:
+        return None
+    rows, chosen = _rows(df, claim.model, claim.where)
+    if rows.empty:
+        return None
+    if claim.value == "params":
+        v = float(rows.params.iloc[0]) / 1e6
+        return {"mean": v, "ci_low": v, "ci_high": v, "n_seeds": 1, "chosen": chosen, "method": "exact count"}
+    a = _proportions(claim, rows)
+    b = _proportions(claim, _rows(df, claim.minus, chosen)[0]) if claim.minus else {}
+    seeds = sorted(set(a) & set(b)) if claim.minus else sorted(a)
+    if not seeds:
+        return None
+    vals = [100 * (a[s][0] / a[s][1] - (b[s][0] / b[s][1] if claim.minus else 0.0)) for s in seeds]
+    if len(seeds) > 1:
+        st = seed_summary(vals)
+        return {"mean": st["mean"], "ci_low": st["ci_low"], "ci_high": st["ci_high"], "n_seeds": len(seeds),
+                "chosen": chosen, "method": f"t-interval over {len(seeds)} seeds"}  # fmt: skip
+    (k1, n1) = a[seeds[0]]
+    if claim.minus:
+        lo, hi = newcombe_interval(k1, n1, *b[seeds[0]])
+        method = f"Newcombe interval, n={n1} images, 1 seed"
+    else:
+        lo, hi = wilson_interval(k1, n1)
+        method = f"Wilson interval, n={n1} images, 1 seed"
+    return {"mean": vals[0], "ci_low": 100 * lo, "ci_high": 100 * hi, "n_seeds": 1, "chosen": chosen, "method": method}
+
+
+def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dict[str, Any]:
+    """One line of claims.csv: the measurement, its interval, the verdict and notes."""
+    m = measure(claim, tables)
+    row = {"claim": claim.id, "paper_value": claim.paper_value, "unit": claim.unit,
+           "band": f"[{claim.band[0]:g}, {claim.band[1]:g}]"}  # fmt: skip
+    if m is None:
+        return {**row, "measured_mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 0,
+                "verdict": "not run", "notes": f"no {claim.table} measurement in this run (part {claim.part})"}  # fmt: skip
+    notes = [m["method"]]
+    if m["chosen"].get("transform") == "composite":
+        notes.append("affNIST-style composite set, not affNIST (set affine.affnist_path for the real test set)")
+    if preset != "full" and claim.value != "params":
+        notes.append(f"reduced protocol (preset {preset}), not the paper's: the verdict is about this protocol only")
+    return {**row, "measured_mean": round(m["mean"], 4), "ci_low": round(m["ci_low"], 4), "ci_high": round(m["ci_high"], 4),
+            "n_seeds": m["n_seeds"], "verdict": verdict(claim, m["ci_low"], m["ci_high"]), "notes": "; ".join(notes)}  # fmt: skip

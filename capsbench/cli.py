@@ -68,6 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return runner.run_command(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from capsbench import report
+
+    return report.report_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -111,11 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", help="suite name or path to a suite TOML file")
     p.add_argument("--preset", help="training preset (default: full on a GPU, quick on a CPU)")
     p.add_argument("--seed", type=int, help="random seed (default: the suite's)")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="several seeds, e.g. 0,1,2: models trained (and cached) per seed, one table row per seed, "
+                   "summaries with mean, std and a 95%% t-interval over seeds")  # fmt: skip
+    p.add_argument("--claims", metavar="ID1,ID2,...",
+                   help="evaluate these paper claims (see `list claims`) and run only the parts they need; "
+                   "`run paper` evaluates all of them by default")  # fmt: skip
     p.add_argument("--models", help="comma-separated models to run instead of the suite's")
     p.add_argument("--out", metavar="DIR", help="write results here instead of results/<suite>/<time>-<id>/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any suite key")
     _device_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", parents=[common], help="write report.md and report.html comparing run folders",
+                       description="Compare run folders (one or more, e.g. CPU quick vs GPU full, or two commits): "
+                       "a headline table per model, the paper claims, configuration differences and every plot. "
+                       "Writes report.md and a self-contained report.html (plots embedded) into a new folder.")  # fmt: skip
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by `run`")
+    p.add_argument("--out", metavar="DIR", help="write here instead of results/reports/<time>-<id>/ (must be new or empty)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

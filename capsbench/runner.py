@@ -4,6 +4,7 @@ parts, and write a new run folder (config.toml, env.json, tables/, plots/, summa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import secrets
 import sys
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from capsbench import atomic
@@ -152,11 +154,11 @@ def new_run_folder(suite: str, out: str | None) -> Path:
             continue
 
 
-def print_plan(r: Resolved) -> None:
+def print_plan(r: Resolved, seeds: list[int]) -> None:
     t = r.train
     quick = "" if r.preset == "full" else "  (not comparable to the paper's protocol)"
     print(f"suite {r.name}: {r.description}")
-    print(f"  preset {r.preset}{quick}; device {describe(r.device)}; seed {t.seed}")
+    print(f"  preset {r.preset}{quick}; device {describe(r.device)}; seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}")
     print(f"  training: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
           f"{f' (canvas {t.canvas}x{t.canvas})' if t.augment == 'canvas' else f' (+-{t.max_shift} px)' if t.augment == 'shift' else ''},"
           f" input {t.input_size}x{t.input_size}")  # fmt: skip
@@ -175,39 +177,125 @@ def write_figure(folder: Path, name: str, fig) -> str:
     return rel
 
 
+def parse_seeds(args: argparse.Namespace) -> list[int] | None:
+    """``--seeds 0,1,2`` as a list of distinct ints (None when not given)."""
+    text = getattr(args, "seeds", None)
+    if not text:
+        return None
+    if args.seed is not None:
+        raise CapsbenchError("give either --seed or --seeds, not both")
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CapsbenchError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise CapsbenchError(f"--seeds needs distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+@dataclass
+class SeedRun:
+    """What one seed produced: its models, clean accuracies and part results."""
+
+    seed: int
+    models: dict[str, Any]
+    clean: Any  # DataFrame or None
+    results: dict[str, PartResult]
+
+
 def run_command(args: argparse.Namespace) -> int:
     from capsbench.suites import load_parts
 
     load_parts()
     path = find_suite(args.suite)
+    seeds = parse_seeds(args)
+    if seeds:
+        args.seed = seeds[0]
     r = resolve(read_suite(path), path.stem, args)
-    print_plan(r)
+    seeds = seeds or [r.train.seed]
+    claims = claim_selection(r, getattr(args, "claims", None))
+    print_plan(r, seeds)
     folder = new_run_folder(r.name, args.out)
     started = time.perf_counter()
-    atomic.write_text(folder / "config.toml", to_toml(r.as_dict()))
+    atomic.write_text(folder / "config.toml", to_toml({**r.as_dict(), "seeds": seeds, **({"claims": [c.id for c in claims]} if claims else {})}))
     env = run_environment(r, args)
     atomic.write_text(folder / "env.json", json.dumps(env, indent=2, default=str))
-    trained = any(PARTS.meta(p).get("needs_training", True) for p in r.parts)
-    models, ctx = prepare(r, args, trained)
-    clean = clean_table(ctx) if trained else None
-    files = [write_table(folder, "clean", clean)] if clean is not None else []
-    results: dict[str, PartResult] = {}
-    for part, cfg in r.parts.items():
-        t0 = time.perf_counter()
-        res = PARTS.get(part)[1](ctx, cfg)
-        files += [write_table(folder, n, df) for n, df in res.tables.items()]
-        files += [write_figure(folder, n, fig) for n, fig in res.figures.items()]
-        results[part] = res
-        print(f"  {part}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    runs, tables, files = [], {}, []
+    for i, seed in enumerate(seeds):
+        if len(seeds) > 1:
+            print(f"seed {seed} ({i + 1} of {len(seeds)})", file=sys.stderr)
+        rs = dataclasses.replace(r, train=dataclasses.replace(r.train, seed=seed))
+        # Parts whose numbers do not depend on the seed (throughput) run once, with the first seed.
+        parts = {p: c for p, c in r.parts.items() if i == 0 or PARTS.meta(p).get("per_seed", True)}
+        run = run_seed(rs, args, parts, folder, files, suffix=f"_seed{seed}" if len(seeds) > 1 else "")
+        runs.append(run)
+        if run.clean is not None:
+            tables.setdefault("clean", []).append(run.clean)
+        for res in run.results.values():
+            for name, df in res.tables.items():
+                tables.setdefault(name, []).append(df if "seed" in df.columns else df.assign(seed=seed))
+    merged = {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()}
+    files[:0] = [write_table(folder, name, df) for name, df in merged.items()]
+    claims_df = evaluate_claims(claims, merged, r.preset) if claims is not None else None
+    if claims_df is not None:
+        atomic.write_with(folder / "claims.csv", lambda tmp: claims_df.to_csv(tmp, index=False))
     wall = time.perf_counter() - started
+    from capsbench.report import write_report
     from capsbench.summary import render_summary
 
-    atomic.write_text(folder / "summary.md", render_summary(r, env, models, clean, results, files, wall))
-    for check in (c for res in results.values() for c in res.checks if not c.passed):
-        print(f"warning: sanity check failed: {check.name}: {check.detail}", file=sys.stderr)
-    print(f"done in {wall:.0f}s; summary: {folder / 'summary.md'}")
+    atomic.write_text(folder / "summary.md", render_summary(r, env, runs, merged, claims_df, files, wall))
+    write_report([folder], folder)
+    for check in (c for run in runs for res in run.results.values() for c in res.checks if not c.passed):
+        print(f"warning: sanity check failed (seed {run.seed}): {check.name}: {check.detail}", file=sys.stderr)
+    print(f"done in {wall:.0f}s; summary: {folder / 'summary.md'}; report: {folder / 'report.html'}")
     print(folder)
     return 0
+
+
+def run_seed(r: Resolved, args: argparse.Namespace, parts: dict[str, Any], folder: Path, files: list[str],
+             suffix: str) -> SeedRun:  # fmt: skip
+    """Train (or fetch) the models for r's seed, run ``parts``, and write their figures."""
+    trained = any(PARTS.meta(p).get("needs_training", True) for p in parts)
+    models, ctx = prepare(r, args, trained)
+    clean = clean_table(ctx) if trained else None
+    results: dict[str, PartResult] = {}
+    for part, cfg in parts.items():
+        t0 = time.perf_counter()
+        res = PARTS.get(part)[1](ctx, cfg)
+        for name, fig in res.figures.items():
+            files.append(write_figure(folder, name + suffix, fig))
+        res.figures = {}  # written; free the memory
+        results[part] = res
+        print(f"  {part}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return SeedRun(r.train.seed, models, clean, results)
+
+
+def claim_selection(r: Resolved, ids: str | None) -> list | None:
+    """The claims this run evaluates: --claims, or every claim for the `paper` suite, else None.
+
+    --claims also narrows the run to the parts (and Table 1 variants) those claims need."""
+    from capsbench.claims import select
+
+    if not ids and r.name != "paper":
+        return None
+    claims = select(ids)
+    if ids:
+        needed = {c.part for c in claims}
+        missing = sorted(needed - set(r.parts))
+        if missing:
+            raise CapsbenchError(f"claim(s) need part {missing[0]!r}, which suite {r.name} does not run; "
+                                 "use `run paper --claims ...`")  # fmt: skip
+        r.parts = {p: c for p, c in r.parts.items() if p in needed}
+        if "table1" in r.parts:
+            wanted = [c.id for c in claims if c.part == "table1"]
+            r.parts["table1"] = dataclasses.replace(r.parts["table1"], claims=wanted)
+    return claims
+
+
+def evaluate_claims(claims: list, tables: dict[str, Any], preset: str):
+    from capsbench.claims import claim_row
+
+    return pd.DataFrame([claim_row(c, tables, preset) for c in claims])
 
 
 def run_environment(r: Resolved, args: argparse.Namespace) -> dict[str, Any]:
@@ -250,19 +338,17 @@ def prepare(r: Resolved, args: argparse.Namespace, trained: bool = True):
     ctx = RunContext(
         models=models, test_x=data.test_x[:n].to(r.device), test_y=data.test_y[:n].to(r.device),
         train_cfg=r.train, device=r.device, dtype=amp_dtype(r.device, r.train.amp), seed=r.train.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, data=data, cache_root=args.data_dir,
     )  # fmt: skip
     return models, ctx
 
 
 def clean_table(ctx: RunContext):
     """Clean test accuracy of every model on the run's test images."""
-    import pandas as pd
-
     from capsbench.train.loop import evaluate
 
     rows = []
     for name, tm in ctx.models.items():
         acc, n = evaluate(tm.model, ctx.test_x, ctx.test_y, ctx.test_inputs, dtype=ctx.dtype)
-        rows.append({"model": name, "accuracy": acc, "n": n, "seed": ctx.seed})
+        rows.append({"model": name, "accuracy": acc, "n": n, "seed": ctx.seed, "params": tm.meta["params"]})
     return pd.DataFrame(rows)

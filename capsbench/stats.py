@@ -18,6 +18,16 @@ def wilson_interval(correct: float, n: int, confidence: float = 0.95) -> tuple[f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def newcombe_interval(k1: float, n1: int, k2: float, n2: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval for the difference of two proportions k1/n1 - k2/n2 from their Wilson intervals
+    (Newcombe 1998, method 10, the hybrid score interval)."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, confidence)
+    l2, u2 = wilson_interval(k2, n2, confidence)
+    d = p1 - p2
+    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
          2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,

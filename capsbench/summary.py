@@ -39,10 +39,29 @@ def models_table(models: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def render_summary(r, env: dict[str, Any], models: dict[str, Any], clean: pd.DataFrame | None,
-                   results: dict[str, Any], files: list[str], wall: float) -> str:  # fmt: skip
-    """The run's summary.md: protocol, models, clean accuracy, each part's section, checks, files."""
+def clean_section(clean: pd.DataFrame) -> list[str]:
+    """Clean accuracy per model: Wilson intervals for one seed, plus a t-interval over seeds."""
+    from capsbench.report import accuracy_cell
+
+    rows = []
+    for model, g in clean.groupby("model", sort=False):
+        row = {"model": model}
+        if g.seed.nunique() > 1:
+            row.update({f"seed {int(r.seed)}": format_accuracy(r.accuracy, int(r.n)) for r in g.itertuples()})
+        row["accuracy [95% CI]"] = accuracy_cell([(float(r.accuracy), int(r.n)) for r in g.itertuples()])
+        rows.append(row)
+    method = ("Accuracy with a 95% Wilson interval over the n test images." if clean.seed.nunique() == 1
+              else "Accuracy of each seed with its 95% Wilson interval over the n test images; the last column "
+              "is the mean ± std over seeds with a 95% t-interval (clipped to [0, 100]).")  # fmt: skip
+    return ["## Clean test accuracy", "", method, "", markdown_table(pd.DataFrame(rows)), ""]
+
+
+def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd.DataFrame],
+                   claims: pd.DataFrame | None, files: list[str], wall: float) -> str:  # fmt: skip
+    """The run's summary.md: protocol, models, clean accuracy, claims, each part's section (per
+    seed), checks, files."""
     t = r.train
+    seeds = [run.seed for run in runs]
     out = [f"# capsbench run: {r.name}", ""]
     if r.preset != "full":
         out += [f"> **Preset `{r.preset}`: a reduced protocol. These numbers are not comparable to the paper's.**", ""]
@@ -53,35 +72,31 @@ def render_summary(r, env: dict[str, Any], models: dict[str, Any], clean: pd.Dat
         f"- suite: `{r.name}`: {r.description}",
         f"- preset: `{r.preset}`; training: {t.steps} steps x batch {t.batch_size}, Adam lr {t.lr} "
         f"(x{t.lr_decay} per {t.lr_decay_steps} steps), protocol: {protocol}",
-        f"- seed: {t.seed}; device: {env['device_name']}; torch {env['torch']}"
-        f"{', CUDA ' + str(env['cuda']) if env.get('cuda') else ''}; git commit {env['git_commit']}",
+        f"- seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))}; device: {env['device_name']}; "
+        f"torch {env['torch']}{', CUDA ' + str(env['cuda']) if env.get('cuda') else ''}; git commit {env['git_commit']}",
         f"- wall time: {wall:.0f} s; command: `{env['command']}`",
         "",
         "## Models",
         "",
-        markdown_table(models_table(models)),
+        markdown_table(pd.concat([models_table(run.models).assign(seed=run.seed) for run in runs], ignore_index=True)),
         "",
     ]
-    if clean is not None:
-        out += [
-            "## Clean test accuracy",
-            "",
-            "Accuracy with a 95% Wilson interval over the n test images.",
-            "",
-            markdown_table(pd.DataFrame([
-                {"model": row.model, "accuracy [95% CI]": format_accuracy(row.accuracy, int(row.n))}
-                for row in clean.itertuples()
-            ])),  # fmt: skip
-            "",
-        ]
-    for res in results.values():
-        if res.summary:
-            out += [res.summary.strip(), ""]
-    checks = [c for res in results.values() for c in res.checks]
+    if "clean" in tables:
+        out += clean_section(tables["clean"])
+    if claims is not None:
+        out += ["## Paper claims", "", "Verdicts by the rule in capsbench/claims.py; `claims.csv` has the same rows.", "",
+                markdown_table(claims.fillna("–")), ""]  # fmt: skip
+    for run in runs:
+        if len(runs) > 1:
+            out += [f"## Seed {run.seed}", ""]
+        out += [res.summary.strip() + "\n" for res in run.results.values() if res.summary]
+    checks = [(run.seed, c) for run in runs for res in run.results.values() for c in res.checks]
     if checks:
-        out += ["## Sanity checks", "", "| check | result | numbers |", "|---|---|---|"]
-        out += [f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |" for c in checks]
+        out += ["## Sanity checks", "", "| seed | check | result | numbers |", "|---|---|---|---|"]
+        out += [f"| {s} | {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |" for s, c in checks]
         out += [""]
-    out += ["## Files", "", "- `config.toml`: the resolved configuration", "- `env.json`: versions, device, commit, command"]
+    out += ["## Files", "", "- `config.toml`: the resolved configuration", "- `env.json`: versions, device, commit, command",
+            "- `report.md`, `report.html`: the report (headline table, plots embedded in the HTML)"]  # fmt: skip
+    out += ["- `claims.csv`: the paper claims' verdicts"] if claims is not None else []
     out += [f"- `{f}`" for f in files]
     return "\n".join(out) + "\n"

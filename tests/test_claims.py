@@ -44,7 +44,7 @@ def test_duplicate_or_incomplete_claims_are_refused():
         load_claims('[a]\nsource = "s"\n')
     with pytest.raises(CapsbenchError, match="needs a band"):
         load_claims('[a]\nsource="s"\nstatement="x"\npaper_value=nan\nunit="u"\nmetric="m"\nprotocol="p"\n'
-                    'model="capsnet"\noptions={}\n')  # fmt: skip
+                    'model="capsnet"\noptions={}\npart="x"\ntable="t"\nvalue="accuracy"\nwhere={}\n')  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -110,3 +110,60 @@ def test_list_claims_command(capsys):
     out = capsys.readouterr().out
     for cid in REQUIRED:
         assert cid in out
+
+
+def test_newcombe_and_wilson_against_published_values():
+    """Newcombe (1998): 81/263 -> Wilson [0.2553, 0.3662]; 56/70 - 48/80 -> method 10 [0.0524, 0.3339]."""
+    from capsbench.stats import newcombe_interval, wilson_interval
+
+    assert wilson_interval(81, 263) == (pytest.approx(0.2553, abs=1e-4), pytest.approx(0.3662, abs=1e-4))
+    assert newcombe_interval(56, 70, 48, 80) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))
+
+
+def _adv(rows):
+    import pandas as pd
+
+    cols = ["model", "source_model", "attack", "eps", "accuracy", "n", "correct", "seed"]
+    return {"adversarial": pd.DataFrame(rows, columns=cols)}
+
+
+def test_measure_difference_claim_one_seed_and_several():
+    from capsbench.claims import claim_row, measure
+    from capsbench.stats import newcombe_interval
+
+    claim = load_claims()["adversarial-fgsm"]
+    one = _adv([["capsnet", "capsnet", "fgsm", 0.1, 0.8, 1000, 800, 0],
+                ["cnn-pooled", "cnn-pooled", "fgsm", 0.1, 0.6, 1000, 600, 0],
+                ["capsnet", "cnn-pooled", "fgsm", 0.1, 0.1, 1000, 100, 0]])  # transfer rows are not white-box
+    m = measure(claim, one)
+    lo, hi = newcombe_interval(800, 1000, 600, 1000)
+    assert m["mean"] == pytest.approx(20.0) and (m["ci_low"], m["ci_high"]) == (pytest.approx(100 * lo), pytest.approx(100 * hi))
+    row = claim_row(claim, one, "quick")
+    assert row["verdict"] == "reproduced" and "reduced protocol" in row["notes"]
+    several = _adv([["capsnet", "capsnet", "fgsm", 0.1, a, 100, 100 * a, s] for s, a in enumerate([0.50, 0.52, 0.48])]
+                   + [["cnn-pooled", "cnn-pooled", "fgsm", 0.1, a, 100, 100 * a, s] for s, a in enumerate([0.51, 0.50, 0.50])])
+    m = measure(claim, several)
+    s = seed_summary([-1.0, 2.0, -2.0])
+    assert m["n_seeds"] == 3 and m["mean"] == pytest.approx(s["mean"]) and m["ci_low"] == pytest.approx(s["ci_low"])
+    assert claim_row(claim, several, "full")["verdict"] == "inconclusive"  # the interval straddles 0
+
+
+def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():
+    import pandas as pd
+
+    from capsbench.claims import claim_row
+
+    claims = load_claims()
+    row = claim_row(claims["multimnist-error"], {}, "full")
+    assert row["verdict"] == "not run" and math.isnan(row["measured_mean"])
+    t1 = pd.DataFrame([{"claim": "mnist-error-r3-recon", "model": "capsnet", "accuracy": 0.9975, "error": 0.0025,
+                        "n": 10000, "correct": 9975, "seed": 0}])  # fmt: skip
+    row = claim_row(claims["mnist-error-r3-recon"], {"table1": t1}, "full")
+    assert row["measured_mean"] == pytest.approx(0.25) and row["ci_low"] < 0.25 < row["ci_high"]
+    assert row["verdict"] == "inconclusive"  # Wilson on 10k images is wider than the +-0.06 band
+    params = pd.DataFrame([{"claim": "params-capsnet", "model": "capsnet", "params": 8215568, "seed": 0}])
+    assert claim_row(claims["params-capsnet"], {"params": params}, "quick")["verdict"] == "reproduced"
+    aff = pd.DataFrame([{"model": m, "transform": "composite", "accuracy": a, "n": 400, "correct": 400 * a, "seed": 0}
+                        for m, a in (("capsnet", 0.5), ("cnn-pooled", 0.9))])  # fmt: skip
+    row = claim_row(claims["affnist-gap"], {"affine": aff}, "full")
+    assert row["verdict"] == "not reproduced" and "composite" in row["notes"]

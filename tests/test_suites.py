@@ -37,7 +37,19 @@ def run(suite: str, out, cache, *extra: str) -> int:
                  "--data-dir", str(cache), "--no-progress", *extra])  # fmt: skip
 
 
-@pytest.mark.parametrize("suite", sorted(known_suites()))
+def assert_report_has_every_plot(folder) -> None:
+    """report.md links and report.html embeds every plot of the run folder."""
+    html = (folder / "report.html").read_text()
+    md = (folder / "report.md").read_text()
+    plots = sorted((folder / "plots").glob("*.png"))
+    assert plots and html.count("src='data:image/png;base64,") == len(plots)
+    for p in plots:
+        assert f"<figcaption>{p.name}</figcaption>" in html and f"(plots/{p.name})" in md
+    assert "http" not in html.replace("http-equiv", "")  # self-contained: nothing fetched
+
+
+# `paper` trains Table 1's five variants; tests/test_paper.py runs it with a subset of claims.
+@pytest.mark.parametrize("suite", sorted(s for s in known_suites() if s != "paper"))
 def test_suite_runs_end_to_end_on_smoke(suite, shared_cache, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(suite, out, shared_cache) == 0
@@ -56,6 +68,7 @@ def test_suite_runs_end_to_end_on_smoke(suite, shared_cache, tmp_path, capsys):
         assert COLUMNS[t] <= set(df.columns), t
         assert len(df) > 0
     assert list((out / "plots").glob("*.png"))
+    assert_report_has_every_plot(out)
     assert not list(out.rglob("*.tmp"))  # no temp files left behind
 
 
@@ -89,3 +102,38 @@ def test_results_are_never_overwritten(shared_cache, tmp_path, capsys):
     assert run("throughput", out, shared_cache) == 2
     assert "never overwritten" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_seeds_give_one_row_per_seed_and_a_t_interval(shared_cache, tmp_path):
+    """--seeds trains per seed; tables keep one row per seed; summaries aggregate over seeds."""
+    out = tmp_path / "seeds"
+    assert run("adversarial", out, shared_cache, "--seeds", "0,1", "--set", "train.steps=20",
+               "--set", "adversarial.n=16", "--set", "adversarial.eps=[0.0, 0.1]") == 0  # fmt: skip
+    clean = pd.read_csv(out / "tables" / "clean.csv")
+    assert sorted(clean.seed) == [0, 0, 1, 1] and set(clean.model) == {"capsnet", "cnn-pooled"}
+    adv = pd.read_csv(out / "tables" / "adversarial.csv")
+    assert set(adv.seed) == {0, 1}
+    summary = (out / "summary.md").read_text()
+    assert "2 seeds, t)" in summary and "## Seed 1" in summary
+    assert {p.name for p in (out / "plots").glob("adversarial_accuracy_seed*.png")} == {
+        "adversarial_accuracy_seed0.png", "adversarial_accuracy_seed1.png"}
+    assert_report_has_every_plot(out)
+
+
+def test_report_compares_two_runs_and_lists_config_differences(shared_cache, tmp_path, capsys):
+    a, b, rep = tmp_path / "a", tmp_path / "b", tmp_path / "rep"
+    assert run("throughput", a, shared_cache) == 0
+    assert run("throughput", b, shared_cache, "--set", "throughput.repeats=3") == 0
+    assert main(["report", str(a), str(b), "--out", str(rep)]) == 0
+    md = (rep / "report.md").read_text()
+    assert "## Configuration differences" in md and "| throughput.repeats | 2 | 3 |" in md
+    assert md.count("| R1 † | capsnet |") == 1 and md.count("| R2 † | cnn-pooled |") == 1
+    assert "not comparable to the paper" in md
+    html = (rep / "report.html").read_text()
+    n_plots = len(list((a / "plots").glob("*.png"))) + len(list((b / "plots").glob("*.png")))
+    assert html.count("data:image/png;base64,") == n_plots
+    capsys.readouterr()
+    assert main(["report", str(a), "--out", str(rep)]) == 2  # never overwrites
+    assert main(["report", str(tmp_path / "nothing")]) == 2  # not a run folder: one line
+    err = capsys.readouterr().err
+    assert "never overwritten" in err and "not a capsbench run folder" in err and "Traceback" not in err

@@ -1,8 +1,8 @@
-"""Suites: parts (affine, adversarial, throughput) registered in ``PARTS``, run by capsbench.runner."""
+"""Suites: parts (affine, adversarial, throughput, table1, ...) registered in ``PARTS``, run by capsbench.runner."""
 
 import importlib
 
-PART_MODULES = ("affine", "adversarial", "throughput")
+PART_MODULES = ("affine", "adversarial", "throughput", "table1")
 
 
 def load_parts() -> None:

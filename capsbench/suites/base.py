@@ -47,6 +47,8 @@ class RunContext:
     dtype: torch.dtype | None  # autocast dtype for evaluation (None = fp32)
     seed: int
     progress: bool = True
+    data: Any = None  # the MNIST object (train_x/train_y/test_x/test_y), for parts that train their own models
+    cache_root: str | None = None  # the cache folder (None: $CAPSBENCH_DATA_DIR or ~/.cache/capsbench)
 
     @property
     def input_size(self) -> int:

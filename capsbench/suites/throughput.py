@@ -402,4 +402,4 @@ def summary(df: pd.DataFrame, routing: pd.DataFrame, info: dict[str, Any], cfg: 
     return "\n".join(out).rstrip() + "\n"
 
 
-PARTS.register("throughput", needs_training=False)((ThroughputConfig, run_throughput))
+PARTS.register("throughput", needs_training=False, per_seed=False)((ThroughputConfig, run_throughput))

@@ -1,0 +1,293 @@
+"""`python -m capsbench report RUN_DIR [RUN_DIR ...]`: report.md and a self-contained report.html
+comparing models across suites and runs (headline table, claims, config differences, plots).
+
+Both files are rendered from one list of blocks, so the Markdown and the HTML never disagree.
+Every number carries its n and seeds; runs of a reduced preset are marked as not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from capsbench import atomic
+from capsbench.errors import CapsbenchError
+from capsbench.stats import seed_summary, wilson_interval
+from capsbench.summary import markdown_table
+
+REDUCED = "reduced protocol: not comparable to the paper"
+
+
+@dataclass
+class Run:
+    """One run folder, read back: config, environment, tables, plots, claims."""
+
+    folder: Path
+    label: str  # R1, R2, ...
+    config: dict[str, Any]
+    env: dict[str, Any]
+    tables: dict[str, pd.DataFrame]
+    plots: list[Path]
+    claims: pd.DataFrame | None = None
+
+    @property
+    def preset(self) -> str:
+        return str(self.config.get("preset", "?"))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.config.get("seeds", [self.config.get("seed", 0)]))
+
+    @property
+    def mark(self) -> str:
+        return "" if self.preset == "full" else " †"
+
+
+def read_run(folder: str | Path, label: str) -> Run:
+    """Read a run folder written by `run`; a folder that is not one gets a one-line error."""
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file() or not (folder / "env.json").is_file():
+        raise CapsbenchError(f"{folder} is not a capsbench run folder (no config.toml and env.json); "
+                             "give folders written by `python -m capsbench run`")  # fmt: skip
+    try:
+        config = tomllib.loads((folder / "config.toml").read_text())
+        env = json.loads((folder / "env.json").read_text())
+        tables = {p.stem: pd.read_csv(p) for p in sorted((folder / "tables").glob("*.csv"))}
+        claims = pd.read_csv(folder / "claims.csv") if (folder / "claims.csv").is_file() else None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise CapsbenchError(f"{folder} holds a corrupt file ({type(e).__name__}: {e}); rerun the suite") from None
+    plots = sorted((folder / "plots").glob("*.png"))
+    return Run(folder, label, config, env, tables, plots, claims)
+
+
+# --- headline numbers --------------------------------------------------------------------
+
+
+def accuracy_cell(values: list[tuple[float, int]]) -> str:
+    """Per-seed (accuracy, n) -> '98.1 [97.1, 98.8] (n=1000, 1 seed)' or a t-interval over seeds."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        acc, n = values[0]
+        lo, hi = wilson_interval(acc * n, int(n))
+        return f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={int(n)}, 1 seed, Wilson)"
+    s = seed_summary([100 * a for a, _ in values])
+    ns = sorted({int(n) for _, n in values})
+    lo, hi = max(s["ci_low"], 0.0), min(s["ci_high"], 100.0)  # an accuracy lies in [0, 100]
+    return (f"{s['mean']:.1f} ± {s['std']:.1f} [{lo:.1f}, {hi:.1f}] "
+            f"(n={'/'.join(map(str, ns))}, {len(values)} seeds, t)")  # fmt: skip
+
+
+def _per_seed(df: pd.DataFrame | None, model: str, **where: Any) -> list[tuple[float, int]]:
+    if df is None or df.empty:
+        return []
+    rows = df[df.model == model]
+    for key, value in where.items():
+        if key not in rows.columns:
+            return []
+        rows = rows[rows[key].sub(value).abs() < 1e-9] if isinstance(value, float) else rows[rows[key] == value]
+    return [(float(r.accuracy), int(r.n)) for r in rows.itertuples()]
+
+
+def _speed(df: pd.DataFrame | None, model: str, mode: str) -> str:
+    if df is None or df.empty:
+        return "–"
+    rows = df[(df.model == model) & (df["mode"] == mode)]
+    if rows.empty:
+        return "–"
+    best = rows.loc[rows.samples_per_sec.idxmax()]
+    return f"{best['samples_per_sec']:,.0f} (batch {int(best['batch_size'])}, {best['dtype']}, median of {int(best['repeats'])})"
+
+
+def _params(run: Run, model: str) -> str:
+    for name in ("clean", "throughput"):
+        df = run.tables.get(name)
+        if df is not None and "params" in df.columns and (df.model == model).any():
+            return f"{int(df[df.model == model].params.iloc[0]):,}"
+    return "–"
+
+
+def headline(run: Run) -> pd.DataFrame:
+    """One row per model: parameters, clean, composite, FGSM/PGD at 0.1 and 0.3, speeds, device."""
+    t = run.tables
+    models = list(run.config.get("models", []))
+    adv = t.get("adversarial")
+    if adv is not None and "source_model" in adv.columns:
+        adv = adv[adv.model == adv.source_model]  # white-box rows only
+    rows = []
+    for m in models:
+        row = {"run": run.label + run.mark, "model": m, "params": _params(run, m),
+               "clean %": accuracy_cell(_per_seed(t.get("clean"), m)),
+               "composite %": accuracy_cell(_per_seed(t.get("affine"), m, transform="composite"))}  # fmt: skip
+        for attack in ("fgsm", "pgd"):
+            for eps in (0.1, 0.3):
+                row[f"{attack.upper()} {eps} %"] = accuracy_cell(_per_seed(adv, m, attack=attack, eps=eps))
+        row["train img/s"] = _speed(t.get("throughput"), m, "train")
+        row["inference img/s"] = _speed(t.get("throughput"), m, "inference")
+        row["device"] = run.env.get("device_name", "?")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- runs and their differences ----------------------------------------------------------------
+
+
+def runs_table(runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        train = r.config.get("train", {})
+        proto = {"shift": f"28x28, ±{train.get('max_shift')} px shifts", "canvas": f"{train.get('canvas')}x{train.get('canvas')} canvas",
+                 "none": "28x28, no augmentation"}.get(train.get("augment"), "?")  # fmt: skip
+        rows.append({
+            "run": r.label + r.mark, "folder": str(r.folder), "suite": r.config.get("suite", "?"), "preset": r.preset,
+            "training": f"{train.get('steps')} steps x {train.get('batch_size')}, {proto}",
+            "seeds": ",".join(map(str, r.seeds)), "device": r.env.get("device_name", "?"),
+            "torch": r.env.get("torch", "?"), "commit": str(r.env.get("git_commit", "?"))[:12],
+            "started (UTC)": str(r.env.get("started_utc", "?"))[:19],
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_differences(runs: list[Run]) -> pd.DataFrame:
+    """The config keys whose values differ between runs (a missing key shows as '–')."""
+    flat = [flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flat))
+    missing = object()
+    rows = []
+    for k in keys:
+        values = [f.get(k, missing) for f in flat]
+        if any(v != values[0] for v in values[1:]):
+            rows.append({"key": k, **{r.label: ("–" if v is missing else str(v)) for r, v in zip(runs, values)}})
+    return pd.DataFrame(rows)
+
+
+# --- blocks -> Markdown / HTML ------------------------------------------------------------------
+
+
+@dataclass
+class Blocks:
+    items: list[tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, kind: str, value: Any) -> None:
+        self.items.append((kind, value))
+
+
+def build(runs: list[Run]) -> Blocks:
+    b = Blocks()
+    b.add("h1", "capsbench report")
+    b.add("p", f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(runs)} run folder(s).")
+    if any(r.preset != "full" for r in runs):
+        b.add("warn", f"† {REDUCED}. Runs marked † used preset "
+              f"{', '.join(sorted({r.preset for r in runs if r.preset != 'full'}))}: shorter training, "
+              "fewer test images; read them as a check of the machinery and of trends, not of the paper's numbers.")  # fmt: skip
+    b.add("h2", "Runs")
+    b.add("table", runs_table(runs))
+    if len(runs) > 1:
+        diff = config_differences(runs)
+        b.add("h2", "Configuration differences")
+        b.add("table", diff) if not diff.empty else b.add("p", "The runs' configurations are identical.")
+    b.add("h2", "Headline")
+    b.add("p", "Accuracies in % with a 95% interval: a Wilson interval over the n test images for one seed, a "
+          "t-interval over seeds for several (mean ± std). Composite: the affNIST-style composite affine set. "
+          "FGSM and PGD (BIM: no random start): white-box, each model attacked through its own training loss, "
+          "eps in pixel units. Speeds: images/s at the best batch size measured, median of the repeats.")  # fmt: skip
+    b.add("table", pd.concat([headline(r) for r in runs], ignore_index=True))
+    for r in (r for r in runs if r.claims is not None):
+        b.add("h2", f"Paper claims ({r.label}{r.mark})")
+        b.add("p", "Verdict rule: reproduced = the 95% interval lies inside the claim's band; not reproduced = "
+              "interval and band are disjoint; inconclusive = they overlap; not run = no measurement.")  # fmt: skip
+        b.add("table", r.claims)
+    for r in runs:
+        b.add("h2", f"Plots of {r.label}{r.mark}: {r.config.get('suite', '?')}, preset {r.preset}, seeds {','.join(map(str, r.seeds))}")
+        b.add("p", f"Folder `{r.folder}`; its summary.md has every table.") if r.plots else b.add("p", "This run made no plots.")
+        for p in r.plots:
+            b.add("img", p)
+    return b
+
+
+def _md_cell(v: Any) -> str:
+    return str(v).replace("|", "\\|")
+
+
+def to_markdown(b: Blocks, out_dir: Path) -> str:
+    out = []
+    for kind, v in b.items:
+        if kind in ("h1", "h2"):
+            out += ["#" * int(kind[1]) + " " + v, ""]
+        elif kind == "p":
+            out += [v, ""]
+        elif kind == "warn":
+            out += [f"> **{v}**", ""]
+        elif kind == "table":
+            out += [markdown_table(v.map(_md_cell)), ""]
+        elif kind == "img":
+            rel = os.path.relpath(v, out_dir)
+            out += [f"![{v.stem}]({Path(rel).as_posix()})", ""]
+    return "\n".join(out)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 6px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.warn{background:#fff4d6;border-left:4px solid #e0a000;padding:.6em 1em}
+figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}"""
+
+
+def to_html(b: Blocks) -> str:
+    """A single self-contained page: plots are embedded as base64 PNGs, no external files."""
+    out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>capsbench report</title>", f"<style>{CSS}</style></head><body>"]
+    for kind, v in b.items:
+        if kind in ("h1", "h2"):
+            out.append(f"<{kind}>{html.escape(v)}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{html.escape(v)}</p>")
+        elif kind == "warn":
+            out.append(f"<p class='warn'><strong>{html.escape(v)}</strong></p>")
+        elif kind == "table":
+            out.append(v.to_html(index=False, escape=True, na_rep="–", border=0))
+        elif kind == "img":
+            data = base64.b64encode(v.read_bytes()).decode("ascii")
+            out.append(f"<figure><img alt='{html.escape(v.stem)}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{html.escape(v.name)}</figcaption></figure>")  # fmt: skip
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
+    """Render report.md and report.html for ``run_dirs`` into ``out_dir`` (files written atomically)."""
+    runs = [read_run(d, f"R{i + 1}") for i, d in enumerate(run_dirs)]
+    out_dir = Path(out_dir)
+    blocks = build(runs)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    atomic.write_text(md, to_markdown(blocks, out_dir))
+    atomic.write_text(page, to_html(blocks))
+    return md, page
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from capsbench.runner import new_run_folder
+
+    for i, d in enumerate(args.runs):  # check every folder before creating the output folder
+        read_run(d, f"R{i + 1}")
+    folder = new_run_folder("reports", args.out)
+    md, page = write_report(args.runs, folder)
+    print(f"report: {md}\nself-contained page: {page}")
+    return 0
+

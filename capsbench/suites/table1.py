@@ -1,0 +1,107 @@
+"""The `table1` part: the paper's Table 1 (MNIST test error of the baseline CNN and of CapsNet
+with 1 or 3 routing iterations, with and without reconstruction) and its parameter counts.
+
+The variants are the claims registry's (capsbench/claims.toml, part = "table1"): each error
+claim names a model and its options, trained under the run's preset with the paper's 2-px shift
+augmentation and evaluated on the first ``test_n`` MNIST test digits (0 = all 10,000).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from capsbench.errors import CapsbenchError
+from capsbench.stats import format_accuracy
+from capsbench.suites.base import PARTS, PartResult, RunContext
+from capsbench.summary import markdown_table
+
+
+@dataclass(frozen=True)
+class Table1Config:
+    claims: list[str] = field(default_factory=list)  # table1 claim ids to measure; empty = all
+    augment: str = "shift"  # the paper's MNIST protocol: shifts of up to 2 px, 28x28
+    max_shift: int = 2
+    test_n: int = 0  # 0 = the whole 10k test set, as in the paper
+    batch_size: int = 500
+
+    def validate(self, where: str) -> None:
+        from capsbench.claims import load_claims
+
+        known = [c.id for c in load_claims().values() if c.part == "table1"]
+        bad = [c for c in self.claims if c not in known]
+        if bad:
+            raise CapsbenchError(f"{where}.claims: {bad[0]!r} is not a table1 claim; known: {', '.join(known)}")
+        if self.augment not in ("shift", "none") or self.max_shift < 0:
+            raise CapsbenchError(f"{where}: augment must be shift or none and max_shift >= 0 (Table 1 is 28x28)")
+        if self.test_n < 0 or self.batch_size < 1:
+            raise CapsbenchError(f"{where}: test_n must be >= 0 and batch_size >= 1")
+
+
+def variants(cfg: Table1Config) -> list:
+    from capsbench.claims import load_claims
+
+    claims = [c for c in load_claims().values() if c.part == "table1"]
+    return [c for c in claims if not cfg.claims or c.id in cfg.claims]
+
+
+def param_rows(claims: list, seed: int) -> list[dict]:
+    """Parameter counts of the claimed models at 28x28 (built, never trained)."""
+    from capsbench.models import build_model
+
+    rows = []
+    for c in (c for c in claims if c.value == "params"):
+        model = build_model(c.model, **{**c.options, "input_size": 28})
+        rows.append({"claim": c.id, "model": c.model, "options": json.dumps(c.options, sort_keys=True),
+                     "params": model.num_params(), "seed": seed})  # fmt: skip
+    return rows
+
+
+def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
+    """Train (or fetch from the cache) the claim's model and measure its test error."""
+    from capsbench.train.cache import get_trained
+    from capsbench.train.loop import evaluate, test_inputs
+
+    if ctx.data is None:
+        raise CapsbenchError("the table1 part needs the MNIST training set; run it through `python -m capsbench run`")
+    train = dataclasses.replace(ctx.train_cfg, augment=cfg.augment, max_shift=cfg.max_shift)
+    t0 = time.perf_counter()
+    tm = get_trained(claim.model, train, ctx.device, {**claim.options, "input_size": 28}, root=ctx.cache_root,
+                     progress=ctx.progress, data=ctx.data)  # fmt: skip
+    how = "cached" if tm.cached else f"trained in {time.perf_counter() - t0:.0f}s"
+    n = cfg.test_n or len(ctx.data.test_x)
+    x, y = ctx.data.test_x[:n].to(ctx.device), ctx.data.test_y[:n].to(ctx.device)
+    acc, n = evaluate(tm.model, x, y, lambda xb: test_inputs(train, xb), cfg.batch_size, ctx.dtype)
+    print(f"  table1 {claim.id}: {claim.model} {how}, test error {100 * (1 - acc):.2f}% (n={n})", file=sys.stderr)
+    return {"claim": claim.id, "model": claim.model, "options": json.dumps(claim.options, sort_keys=True),
+            "params": tm.meta["params"], "accuracy": acc, "error": 1 - acc, "n": n, "correct": round(acc * n),
+            "seed": ctx.seed, "steps": tm.meta["steps"], "train_seconds": tm.meta["train_seconds"],
+            "from_cache": tm.cached, "paper_error_pct": claim.paper_value}  # fmt: skip
+
+
+def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
+    claims = variants(cfg)
+    params = pd.DataFrame(param_rows(claims, ctx.seed))
+    errors = pd.DataFrame([error_row(ctx, cfg, c) for c in claims if c.value == "error"])
+    tables = {"params": params} if not params.empty else {}
+    lines = ["## Table 1: MNIST test error and parameter counts", ""]
+    if not errors.empty:
+        tables["table1"] = errors
+        lines += [f"Each variant trained with shifts of up to {cfg.max_shift} px under the run's preset, tested on "
+                  f"{int(errors.n.iloc[0])} MNIST test digits; accuracy with a 95% Wilson interval.", "",
+                  markdown_table(pd.DataFrame([{"claim": r.claim, "model": r.model, "options": r.options,
+                                                "test error %": f"{100 * r.error:.2f}", "paper %": r.paper_error_pct,
+                                                "accuracy": format_accuracy(r.accuracy, int(r.n)), "steps": r.steps}
+                                               for r in errors.itertuples()])), ""]  # fmt: skip
+    if not params.empty:
+        lines += ["Parameter counts at 28x28:", "", markdown_table(params.drop(columns="seed")), ""]
+    return PartResult(tables=tables, summary="\n".join(lines))
+
+
+# needs_training=False: it trains its own variants, not the suite's models
+PARTS.register("table1", needs_training=False)((Table1Config, run_table1))
