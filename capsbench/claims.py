@@ -195,5 +195,5 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
         notes.append("affNIST-style composite set, not affNIST (set affine.affnist_path for the real test set)")
     if preset != "full" and claim.value != "params":
         notes.append(f"reduced protocol (preset {preset}), not the paper's: the verdict is about this protocol only")
-    return {**row, "measured_mean": round(m["mean"], 4), "ci_low": round(m["ci_low"], 4), "ci_high": round(m["ci_high"], 4),
+    return {**row, "measured_mean": round(m["mean"], 6), "ci_low": round(m["ci_low"], 6), "ci_high": round(m["ci_high"], 6),
             "n_seeds": m["n_seeds"], "verdict": verdict(claim, m["ci_low"], m["ci_high"]), "notes": "; ".join(notes)}  # fmt: skip

@@ -85,7 +85,7 @@ def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd
         out += clean_section(tables["clean"])
     if claims is not None:
         out += ["## Paper claims", "", "Verdicts by the rule in capsbench/claims.py; `claims.csv` has the same rows.", "",
-                markdown_table(claims.fillna("–")), ""]  # fmt: skip
+                markdown_table(claims.astype(object).where(claims.notna(), "–")), ""]  # fmt: skip
     for run in runs:
         if len(runs) > 1:
             out += [f"## Seed {run.seed}", ""]

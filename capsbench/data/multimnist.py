@@ -18,13 +18,15 @@ COMBINES = ("max", "sum")
 
 
 def multimnist(x_u8: Tensor, y: Tensor, n: int, seed: int, max_shift: int = 4, combine: str = "max",
-               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
+               layers: bool = False) -> tuple[Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
     """``n`` MultiMNIST images from the digits ``x_u8`` (N, 28, 28) uint8 with labels ``y`` (N,).
 
     Returns images (n, 1, 28 + 2 * max_shift, same) float in [0, 1], labels (n, 2) int64 (first
     and second digit, always different classes) and the parameters: ``index`` (n, 2) source
-    digits and ``shift`` (n, 2, 2) per-digit (row, col) shifts in [-max_shift, max_shift]. Works
-    on the device of ``x_u8``; the same (data, n, seed) give the same images on every device.
+    digits and ``shift`` (n, 2, 2) per-digit (row, col) shifts in [-max_shift, max_shift]; with
+    ``layers=True`` also ``layers`` (n, 2, 1, S, S), each digit alone on the canvas (the per-digit
+    reconstruction targets). Works on the device of ``x_u8``; the same (data, n, seed) give the
+    same images on every device. ``y`` on the CPU avoids a device-to-host copy per call.
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {combine!r}")
@@ -45,14 +47,17 @@ def multimnist(x_u8: Tensor, y: Tensor, n: int, seed: int, max_shift: int = 4, c
     shift = torch.randint(-max_shift, max_shift + 1, (n, 2, 2), generator=g)  # (n, digit, row/col)
     index = torch.stack([first, second], 1)
     size = x_u8.shape[-1] + 2 * max_shift
-    layers = []
+    placed = []
     for k in range(2):
         digits = to_float(x_u8[index[:, k].to(device)])  # (n, 1, 28, 28)
         top = (max_shift + shift[:, k]).to(device)  # top-left corner on the canvas
-        layers.append(place(digits, size, top[:, 0], top[:, 1]))
-    images = torch.maximum(*layers) if combine == "max" else (layers[0] + layers[1]).clamp_(0, 1)
+        placed.append(place(digits, size, top[:, 0], top[:, 1]))
+    images = torch.maximum(*placed) if combine == "max" else (placed[0] + placed[1]).clamp_(0, 1)
     labels = y_cpu[index].to(device)
-    return images, labels, {"index": index, "shift": shift}
+    params = {"index": index, "shift": shift}
+    if layers:
+        params["layers"] = torch.stack(placed, 1)  # (n, 2, 1, S, S)
+    return images, labels, params
 
 
 def two_digit_error(scores: Tensor, labels: Tensor) -> Tensor:

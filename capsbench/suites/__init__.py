@@ -2,7 +2,7 @@
 
 import importlib
 
-PART_MODULES = ("affine", "adversarial", "throughput", "table1")
+PART_MODULES = ("affine", "adversarial", "throughput", "table1", "multimnist")
 
 
 def load_parts() -> None:

@@ -1,0 +1,75 @@
+"""`run paper`: claims measured from a real (smoke) run, claims.csv, the claims section of the
+report, and --claims narrowing the work to what the chosen claims need."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import pandas as pd
+import pytest
+
+from capsbench.claims import VERDICTS, load_claims
+from capsbench.cli import main
+from tests.test_suites import assert_report_has_every_plot, shared_cache  # noqa: F401 - the fixture
+
+CLAIMS = "params-capsnet,params-baseline,mnist-error-r1-norecon,affnist-gap,adversarial-fgsm,multimnist-error"
+COLUMNS = ["claim", "paper_value", "unit", "band", "measured_mean", "ci_low", "ci_high", "n_seeds", "verdict", "notes"]
+
+
+def run_paper(out, cache, *extra: str) -> int:
+    return main(["run", "paper", "--preset", "smoke", "--device", "cpu", "--out", str(out), "--data-dir", str(cache),
+                 "--no-progress", "--set", "train.steps=20", *extra])  # fmt: skip
+
+
+def test_run_paper_measures_the_chosen_claims(shared_cache, tmp_path):  # noqa: F811
+    out = tmp_path / "paper"
+    assert run_paper(out, shared_cache, "--claims", CLAIMS) == 0
+    claims = pd.read_csv(out / "claims.csv")
+    assert list(claims.columns) == COLUMNS
+    assert list(claims.claim) == CLAIMS.split(",")
+    assert set(claims.verdict) <= set(VERDICTS) and "not run" not in set(claims.verdict)  # all were measured
+    by = claims.set_index("claim")
+    assert by.loc["params-capsnet", "measured_mean"] == pytest.approx(8.215568)
+    assert by.loc["params-capsnet", "verdict"] == "reproduced"  # an exact count inside 8.2 +- 0.05
+    for cid in ("mnist-error-r1-norecon", "affnist-gap", "adversarial-fgsm", "multimnist-error"):
+        row = by.loc[cid]
+        assert row.ci_low <= row.measured_mean <= row.ci_high, cid
+        assert "reduced protocol (preset smoke)" in row.notes, cid
+    t1 = pd.read_csv(out / "tables" / "table1.csv")
+    assert list(t1.claim) == ["mnist-error-r1-norecon"]  # only the variant a chosen claim needs was trained
+    err = 100 * t1.error.iloc[0]
+    assert by.loc["mnist-error-r1-norecon", "measured_mean"] == pytest.approx(err, abs=1e-3)
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["claims"] == CLAIMS.split(",") and config["parts"] == ["table1", "affine", "adversarial", "multimnist"]
+    mm = pd.read_csv(out / "tables" / "multimnist.csv")
+    assert set(mm.model) == {"capsnet", "cnn-pooled"} and mm.error.between(0, 1).all()
+    md = (out / "report.md").read_text()
+    assert "## Paper claims" in md and "params-capsnet" in md
+    assert_report_has_every_plot(out)
+
+
+def test_claims_only_counting_parameters_train_nothing(shared_cache, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "params"
+    assert run_paper(out, shared_cache, "--claims", "params-capsnet-nodecoder,params-baseline") == 0
+    claims = pd.read_csv(out / "claims.csv").set_index("claim")
+    assert (claims.verdict == "reproduced").all()
+    assert claims.loc["params-baseline", "measured_mean"] == pytest.approx(35.445522)
+    assert not (out / "tables" / "table1.csv").exists()
+    assert "trained" not in capsys.readouterr().err  # no model was trained or fetched
+
+
+def test_claims_a_suite_cannot_measure_are_refused(shared_cache, tmp_path, capsys):  # noqa: F811
+    assert main(["run", "throughput", "--preset", "smoke", "--out", str(tmp_path / "x"), "--data-dir", str(shared_cache),
+                 "--claims", "adversarial-fgsm"]) == 2  # fmt: skip
+    assert main(["run", "paper", "--claims", "nope", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "need part 'adversarial'" in err and "unknown claim 'nope'" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work
+
+
+def test_every_claim_names_a_part_of_the_paper_suite():
+    suite = tomllib.loads(open("suites/paper.toml").read())
+    for c in load_claims().values():
+        assert c.part in suite["parts"], c.id
+        assert not math.isnan(c.band[0]) and c.table
