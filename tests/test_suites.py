@@ -19,7 +19,8 @@ COLUMNS = {
     "throughput": {"model", "mode", "device", "dtype", "batch_size", "samples_per_sec", "step_ms_median",
                    "step_ms_iqr", "peak_mem_mb", "params", "macs_per_sample"},  # fmt: skip
 }
-PART_TABLES = {"affine": ["affine"], "adversarial": ["adversarial"], "throughput": ["throughput"]}
+PART_TABLES = {"affine": ["affine"], "adversarial": ["adversarial"], "throughput": ["throughput"],
+               "capsules": ["capsules_reconstruction", "capsules_routing"]}
 
 
 @pytest.fixture(scope="session")

@@ -127,9 +127,16 @@ class CapsNet(BenchModel):
         if self.decoder is not None:
             # Mask by the label while training, by the prediction otherwise.
             target = y if (self.training and y is not None) else lengths.argmax(dim=1)
-            mask = F.one_hot(target, self.num_classes).to(v.dtype)  # (B, C)
-            recon = self.decoder((v * mask.unsqueeze(-1)).flatten(1))
+            recon = self.decode(v, target)
         return ModelOutput(lengths, v, recon, c, b)
+
+    def decode(self, capsules: Tensor, target: Tensor) -> Tensor:
+        """Decoder image (B, S*S) from class capsules (B, C, D), every capsule but ``target``'s
+        (B,) masked to zero: the reconstruction path of ``forward``."""
+        if self.decoder is None:
+            raise ValueError("this CapsNet has no decoder (built with reconstruction=False); nothing to decode")
+        mask = F.one_hot(target, self.num_classes).to(capsules.dtype)  # (B, C)
+        return self.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
 
     def margin_loss(self, lengths: Tensor, y: Tensor) -> Tensor:
         """Per-example margin loss (B,), summed over classes (paper eq. 4)."""

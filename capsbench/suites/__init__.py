@@ -2,7 +2,7 @@
 
 import importlib
 
-PART_MODULES = ("affine", "adversarial", "throughput", "table1", "multimnist")
+PART_MODULES = ("affine", "adversarial", "throughput", "table1", "multimnist", "capsules")
 
 
 def load_parts() -> None:

@@ -110,12 +110,6 @@ def multi_margin_loss(lengths: Tensor, target: Tensor, m_plus: float = 0.9, m_mi
     return (present + absent).sum(dim=1)
 
 
-def decode(model: CapsNet, capsules: Tensor, label: Tensor) -> Tensor:
-    """The decoder's image (B, S*S) from the class capsule ``label`` (B,), all others masked to 0."""
-    mask = F.one_hot(label, model.num_classes).to(capsules.dtype)  # (B, C)
-    return model.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
-
-
 def capsnet_loss(model: CapsNet, x: Tensor, labels: Tensor, layers: Tensor) -> Tensor:
     """Two-hot margin loss + recon_weight x sum over both digits of the per-image SSE between the
     digit's reconstruction and that digit alone (``layers`` (B, 2, 1, S, S)); batch mean."""
@@ -125,7 +119,7 @@ def capsnet_loss(model: CapsNet, x: Tensor, labels: Tensor, layers: Tensor) -> T
     loss = multi_margin_loss(out.scores.float(), target, cfg.m_plus, cfg.m_minus, cfg.lambda_)
     if model.decoder is None:
         return loss.mean()
-    recons = (out.reconstruction, decode(model, out.capsules, labels[:, 1]))
+    recons = (out.reconstruction, model.decode(out.capsules, labels[:, 1]))
     sse = sum(((r.float() - layers[:, k].flatten(1)) ** 2).sum(dim=1) for k, r in enumerate(recons))
     return (loss + cfg.recon_weight * sse).mean()
 
@@ -389,7 +383,7 @@ def examples_figure(models: dict[str, TrainedModel], x: Tensor, labels: Tensor, 
             v = tm.model(x[:k]).capsules
             for d in range(2):
                 target = torch.tensor([p[d] for p in preds[name]], device=x.device)
-                img = decode(tm.model, v, target).float().view(k, 1, x.shape[-2], x.shape[-1])
+                img = tm.model.decode(v, target).float().view(k, 1, x.shape[-2], x.shape[-1])
                 rows.append((img, f"{name} R{d + 1}", [f"R: {c}" for c in target.tolist()]))
     return example_grid([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                         title="MultiMNIST test images. L: labels, then each model's two highest scores.\n"
