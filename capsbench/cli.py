@@ -11,6 +11,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from capsbench.allocator import tune_cpu_allocator
 from capsbench.errors import CapsbenchError
 
 
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False)
     args.data_dir = getattr(args, "data_dir", None)
     func: Callable[[argparse.Namespace], Any] = args.func
+    tune_cpu_allocator()  # before any tensor exists; see capsbench/allocator.py
     try:
         return int(func(args) or 0)
     except CapsbenchError as e:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import capsbench
+from capsbench.allocator import cpu_allocator_tuned
 from capsbench.device import describe
 
 
@@ -40,6 +41,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_name": describe(device),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_allocator": "tuned" if cpu_allocator_tuned() else "default",
         "platform": platform.platform(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }

@@ -17,7 +17,7 @@ from capsbench.errors import CapsbenchError
 from capsbench.models import BenchModel, ModelOutput, build_model
 from capsbench.suites.base import RunContext
 from capsbench.suites.throughput import (
-    COLUMNS, ROUTING_COLUMNS, Budget, ThroughputConfig, run_throughput, with_routing_iters,
+    COLUMNS, ROUTING_COLUMNS, Budget, ThroughputConfig, nominal, run_throughput, with_routing_iters,
 )  # fmt: skip
 from capsbench.timing import count_macs, peak_memory_mb, summarize, time_fn
 from capsbench.train.config import TrainConfig
@@ -89,8 +89,15 @@ def test_count_macs_hand_computed():
 
 def test_paper_capsnet_macs_match_the_facts_file():
     torch.manual_seed(0)
-    macs = count_macs(build_model("capsnet").eval(), torch.rand(1, 1, 28, 28))
+    model = build_model("capsnet").eval()  # the spectral PrimaryCaps on this CPU
+    macs = count_macs(nominal(model), torch.rand(1, 1, 28, 28))
     assert abs(macs / 203e6 - 1) < 0.10, macs
+    assert model.cfg.primary_conv == "auto" and nominal(model).cfg.primary_conv == "direct"
+    x = torch.rand(64, 1, 28, 28)
+    with torch.no_grad():
+        model(x)  # the inference weight spectra, computed once and cached
+    executed = count_macs(model, x) / 64
+    assert executed < 0.4 * macs, executed  # what the spectral path runs: about a third
 
 
 def test_peak_memory_is_nan_on_the_cpu():

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capsbench.models import spectral
 from capsbench.models.base import BenchModel, ModelOutput
 
 SQUASH_EPS = 1e-8
@@ -30,6 +31,8 @@ def dynamic_routing(u_hat: Tensor, iters: int, inner_grad: bool = True) -> tuple
     u_hat: (B, N, C, D) predictions of N child capsules for C parents. Returns v (B, C, D),
     the final coupling c (B, N, C) (softmax over the C parents) and routing logits b (B, N, C).
     With ``inner_grad=False`` the iterations before the last see a detached u_hat.
+    Products are broadcast multiply-and-sum: on a CPU they stream u_hat once each, where an
+    einsum would first copy it into a batched-matmul layout.
     """
     u_inner = u_hat if inner_grad else u_hat.detach()
     b = u_hat.new_zeros(u_hat.shape[:3])  # (B, N, C): starts at 0 for every example
@@ -37,11 +40,14 @@ def dynamic_routing(u_hat: Tensor, iters: int, inner_grad: bool = True) -> tuple
         last = i == iters - 1
         u = u_hat if last else u_inner
         c = torch.softmax(b, dim=2)  # over parents, not over children
-        s = torch.einsum("bnc,bncd->bcd", c, u)  # (B, C, D)
-        v = squash(s)
+        v = squash((c.unsqueeze(-1) * u).sum(1))  # s = sum_n c u_hat: (B, C, D)
         if not last:
-            b = b + torch.einsum("bncd,bcd->bnc", u, v)  # agreement u_hat . v
+            b = b + (u * v.unsqueeze(1)).sum(-1)  # agreement u_hat . v: (B, N, C)
     return v, c, b
+
+
+PRIMARY_CONVS = ("auto", "direct", "spectral")
+CPU_ROUTING_CHUNK = 8  # examples routed at a time on a CPU: u_hat (8 x 1152 x 10 x 16 fp32, 5.9 MB) stays in cache
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,15 @@ class CapsNetConfig:
     routing_iters: int = 3
     reconstruction: bool = True
     inner_routing_grad: bool = True  # official code backpropagates through every iteration
+    # Examples routed at a time (results are the same for any value; only speed differs):
+    # 0 = auto, CPU_ROUTING_CHUNK on a CPU (cache-sized pieces, ~2-3x faster routing there) and
+    # the whole batch on a GPU (one large kernel per step).
+    routing_chunk: int = 0
+    # How Conv1 + PrimaryCaps are computed (same function, same weights): "direct" (F.conv2d),
+    # "spectral" (PrimaryCaps in the frequency domain, ~4x fewer multiply-adds; see
+    # models/spectral.py), or "auto": spectral for fp32 CPU training and inference, direct on a
+    # GPU (cuDNN), under autocast and when the input needs a gradient (attacks).
+    primary_conv: str = "auto"
     recon_weight: float = 0.0005
     decoder_hidden: tuple[int, int] = (512, 1024)
     m_plus: float = 0.9
@@ -83,6 +98,13 @@ class CapsNet(BenchModel):
             raise ValueError(f"input_size {cfg.input_size} is too small for CapsNet (needs >= 25)")
         if cfg.routing_iters < 1:
             raise ValueError("routing_iters must be >= 1")
+        if cfg.routing_chunk < 0:
+            raise ValueError("routing_chunk must be >= 0 (0 = auto)")
+        if cfg.primary_conv not in PRIMARY_CONVS:
+            raise ValueError(f"primary_conv must be one of {', '.join(PRIMARY_CONVS)}, got {cfg.primary_conv!r}")
+        if cfg.primary_conv == "spectral" and not spectral.supports(cfg.input_size - 8, 9, 2):
+            raise ValueError(f"primary_conv='spectral' needs an even Conv1 output (input_size 28 or 40), "
+                             f"got input_size {cfg.input_size}")  # fmt: skip
         self.cfg = cfg
         self.input_size = cfg.input_size
         self.num_classes = cfg.num_classes
@@ -91,6 +113,7 @@ class CapsNet(BenchModel):
         # One 8x16 matrix per (child capsule, parent class), stored (N, C, D_out, D_in).
         self.W = nn.Parameter(0.01 * torch.randn(cfg.num_primary, cfg.num_classes, cfg.class_dim, cfg.primary_dim))
         self.decoder = self._decoder(cfg) if cfg.reconstruction else None
+        self._spectra: tuple | None = None  # (key, PrimaryCaps weight spectra) for inference
 
     @staticmethod
     def _decoder(cfg: CapsNetConfig) -> nn.Sequential:
@@ -104,12 +127,38 @@ class CapsNet(BenchModel):
     def primary_capsules(self, x: Tensor) -> Tensor:
         """(B, 1, S, S) -> (B, N, 8) squashed primary capsules."""
         cfg = self.cfg
-        h = F.relu(self.conv1(x))
-        p = self.primary(h)  # (B, 32*8, G, G), channel = type*8 + dim
+        if self.use_spectral(x):
+            p = spectral.spectral_primary(x, self.conv1, self.primary, self.cached_spectra(x))
+        else:
+            p = self.primary(F.relu(self.conv1(x)))  # (B, 32*8, G, G), channel = type*8 + dim
         B, _, G, _ = p.shape
         # (B, 32, 8, G, G) -> (B, 32, G, G, 8) -> (B, N, 8): capsule index = (type, row, col)
-        p = p.view(B, cfg.primary_types, cfg.primary_dim, G, G).permute(0, 1, 3, 4, 2)
+        p = p.reshape(B, cfg.primary_types, cfg.primary_dim, G, G).permute(0, 1, 3, 4, 2)
         return squash(p.reshape(B, -1, cfg.primary_dim))
+
+    def use_spectral(self, x: Tensor) -> bool:
+        mode = self.cfg.primary_conv
+        if mode == "auto":
+            # fp32 CPU only: autocast and GPUs keep the library convolution. So do input gradients
+            # (attacks): the spectral path's rounding is ~1e-7 of the largest gradient everywhere,
+            # which flips the sign of near-zero pixel gradients, and FGSM moves those pixels by eps.
+            plain = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            mode = "spectral" if plain and not x.requires_grad else "direct"
+        return mode == "spectral" and spectral.supports(x.shape[-1] - 8, 9, 2)
+
+    def cached_spectra(self, x: Tensor) -> Tensor | None:
+        """PrimaryCaps' weight spectra, kept while no gradient is recorded and the weight is
+        unchanged (its version counter and storage), so inference pays for them once."""
+        w = self.primary.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            self._spectra = None
+            return None  # training or attacking: recomputed in the graph
+        key = (w._version, w.data_ptr(), w.dtype, w.device, x.dtype)
+        if getattr(self, "_spectra", None) is None or self._spectra[0] != key:
+            t_w = spectral.transforms64(x.shape[-1] // 2 - 4)[1].to(device=w.device, dtype=x.dtype)
+            with torch.no_grad():
+                self._spectra = (key, spectral.weight_spectra(w.to(x.dtype), t_w))
+        return self._spectra[1]
 
     def predictions(self, u: Tensor) -> Tensor:
         """u_hat[b, n, c] = W[n, c] @ u[b, n] as one batched matmul over the N children."""
@@ -120,8 +169,8 @@ class CapsNet(BenchModel):
         return u_hat.view(N, B, C, D).transpose(0, 1)  # (B, N, C, 16)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:
-        u_hat = self.predictions(self.primary_capsules(x)).float()  # routing in fp32
-        v, c, b = dynamic_routing(u_hat, self.cfg.routing_iters, self.cfg.inner_routing_grad)
+        u = self.primary_capsules(x)  # (B, N, 8)
+        v, c, b = self.route(u)
         lengths = v.norm(dim=-1)  # (B, C)
         recon = None
         if self.decoder is not None:
@@ -129,6 +178,18 @@ class CapsNet(BenchModel):
             target = y if (self.training and y is not None) else lengths.argmax(dim=1)
             recon = self.decode(v, target)
         return ModelOutput(lengths, v, recon, c, b)
+
+    def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Predictions and routing (in fp32) for primary capsules u (B, N, 8), in chunks of
+        ``routing_chunk`` examples (each example is routed on its own either way)."""
+        chunk = self.cfg.routing_chunk or (CPU_ROUTING_CHUNK if u.device.type == "cpu" else len(u))
+        cfg = self.cfg
+        if chunk >= len(u):
+            return dynamic_routing(self.predictions(u).float(), cfg.routing_iters, cfg.inner_routing_grad)
+        # split, not slicing: the backward of a slice would allocate a full-batch gradient per chunk
+        parts = [dynamic_routing(self.predictions(p).float(), cfg.routing_iters, cfg.inner_routing_grad)
+                 for p in u.split(chunk)]  # fmt: skip
+        return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
 
     def decode(self, capsules: Tensor, target: Tensor) -> Tensor:
         """Decoder image (B, S*S) from class capsules (B, C, D), every capsule but ``target``'s

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from tqdm.auto import tqdm
 
+from capsbench.allocator import cpu_allocator_tuned
 from capsbench.device import autocast, describe
 from capsbench.errors import CapsbenchError
 from capsbench.models import BenchModel, CapsNet, CapsNetConfig, build_model
@@ -151,6 +152,16 @@ def measure(model: BenchModel, mode: str, batch: int, device: torch.device, dtyp
             "peak_mem_mb": peak_memory_mb(device, baseline), "compile_s": compile_s}  # fmt: skip
 
 
+def nominal(model: BenchModel) -> BenchModel:
+    """The model as the paper computes it, for counting MACs: CapsNet's spectral PrimaryCaps runs
+    fewer multiply-adds than the convolution it equals, so the count uses the direct one."""
+    if not isinstance(model, CapsNet) or model.cfg.primary_conv == "direct":
+        return model
+    direct = copy.deepcopy(model)
+    direct.cfg = dataclasses.replace(model.cfg, primary_conv="direct")
+    return direct
+
+
 def run_info(ctx: RunContext) -> dict[str, Any]:
     """Device and version metadata repeated on every row."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -186,7 +197,7 @@ def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputCo
     the time budget cuts the largest ones."""
     S = model.input_size
     static = {"params": model.num_params(), "repeats": cfg.repeats, "seed": ctx.seed,
-              "macs_per_sample": count_macs(model, torch.rand(2, 1, S, S, device=ctx.device)) // 2,
+              "macs_per_sample": count_macs(nominal(model), torch.rand(2, 1, S, S, device=ctx.device)) // 2,
               "routing_iters": routing_iters_of(model) or math.nan, **info}  # fmt: skip
     settings = list(itertools.product(sorted(set(cfg.batch_sizes)), cfg.dtypes, cfg.compile, cfg.modes))
     budget = Budget(cfg.max_seconds, cfg.warmup + cfg.repeats)
@@ -386,13 +397,16 @@ def summary(df: pd.DataFrame, routing: pd.DataFrame, info: dict[str, Any], cfg: 
     dtypes = ", ".join(sorted(set(df.dtype))) if not df.empty else "-"
     out = ["## Throughput", "",
            f"Device: {info['device_name']}; {info['cpu_count']} CPU cores, {torch.get_num_threads()} torch threads; "
-           f"torch {info['torch_version']}{cuda}. Autocast dtype: {dtypes}; torch.compile: {cfg.compile}.", "",
+           f"torch {info['torch_version']}{cuda}. Autocast dtype: {dtypes}; torch.compile: {cfg.compile}; CPU allocator: "
+           f"{'tuned (freed memory kept mapped)' if cpu_allocator_tuned() else 'default'}.", "",
            f"Protocol: random inputs resident on the device; train = forward, the model's own loss, backward and an "
            f"Adam step on a copy of the model (trained weights untouched); inference = eval-mode forward without "
            f"gradients. Warm-up steps: {cfg.warmup}; then the median (and IQR) of {cfg.repeats} timed steps, each "
            f"ended by a device synchronization; images/s = batch / median. Peak memory (CUDA only; NaN on the CPU) "
            f"is the peak allocated during a setting above what was already allocated. MACs count matrix products "
-           f"and convolutions of one forward (not elementwise work such as squash, softmax, pooling).", ""]  # fmt: skip
+           f"and convolutions of one forward (not elementwise work such as squash, softmax, pooling), as the paper's "
+           f"network computes them: CapsNet's spectral PrimaryCaps (the CPU default) runs about a quarter of its "
+           f"MACs; the model options actually used (primary_conv, routing_chunk) are in config.toml.", ""]  # fmt: skip
     if not df.empty:
         out += ["Best throughput per model and mode:", "", markdown_table(best_table(df)), ""]
     if not routing.empty:

@@ -1,0 +1,162 @@
+"""The CPU fast paths compute the same function as the plain ones: spectral PrimaryCaps vs
+F.conv2d, chunked routing vs whole-batch routing, the inference weight-spectra cache, and the
+allocator switch. Float64 comparisons are tight (the paths are exact in exact arithmetic);
+fp32 ones are loose by the rounding of different summation orders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsbench.models import build_model
+from capsbench.models.spectral import frequencies, spectral_primary, supports
+
+TINY = dict(conv_channels=16, primary_types=4, decoder_hidden=(32, 64))
+
+
+def pair(**options) -> tuple[nn.Module, nn.Module]:
+    """The same weights with the direct and the spectral PrimaryCaps, whole-batch routing."""
+    torch.manual_seed(0)
+    direct = build_model("capsnet", primary_conv="direct", routing_chunk=0, **TINY, **options)
+    spectral = build_model("capsnet", primary_conv="spectral", routing_chunk=0, **TINY, **options)
+    spectral.load_state_dict(direct.state_dict())
+    return direct, spectral
+
+
+def grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    out = model(x, y)
+    model.zero_grad()
+    model.objective(out, x, y).backward()
+    return out, {"input": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+def test_frequency_set_covers_the_spectrum_once():
+    for n in (10, 16):  # 28x28 and 40x40 inputs
+        freqs = frequencies(n)
+        assert sum(m for *_, m in freqs) == n * n  # every frequency once, conjugate pairs counted twice
+        seen = {(k1, k2) for k1, k2, _ in freqs}
+        for k1, k2, m in freqs:  # a pair's partner is never listed itself
+            partner = ((-k1) % n, (-k2) % n)
+            assert (partner == (k1, k2)) == (m == 1) and (m == 1 or partner not in seen)
+
+
+@pytest.mark.parametrize("size", [28, 40])
+def test_spectral_primary_equals_the_convolutions_in_float64(size):
+    torch.manual_seed(1)
+    conv1, primary = nn.Conv2d(1, 8, 9).double(), nn.Conv2d(8, 12, 9, stride=2).double()
+    x = torch.rand(3, 1, size, size, dtype=torch.float64, requires_grad=True)
+    ref = primary(F.relu(conv1(x)))
+    out = spectral_primary(x, conv1, primary)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    inputs = [x, conv1.weight, conv1.bias, primary.weight, primary.bias]
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_supports_only_the_shapes_it_is_built_for():
+    assert supports(20, 9, 2) and supports(32, 9, 2)
+    assert not supports(21, 9, 2) and not supports(20, 7, 2) and not supports(20, 9, 1) and not supports(8, 9, 2)
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+@pytest.mark.parametrize("reconstruction", [True, False])
+def test_spectral_capsnet_matches_direct_in_fp32(iters, reconstruction):
+    direct, spectral = pair(routing_iters=iters, reconstruction=reconstruction)
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    out_d, g_d = grads(direct.train(), x, y)
+    out_s, g_s = grads(spectral.train(), x, y)
+    torch.testing.assert_close(out_s.scores, out_d.scores, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out_s.coupling, out_d.coupling, rtol=1e-4, atol=1e-6)
+    if reconstruction:
+        torch.testing.assert_close(out_s.reconstruction, out_d.reconstruction, rtol=1e-4, atol=1e-6)
+    assert g_s.keys() == g_d.keys()
+    for name in g_d:  # relative to the largest entry: tiny gradients carry the rounding of both paths
+        scale = g_d[name].abs().max()
+        torch.testing.assert_close(g_s[name] / scale, g_d[name] / scale, rtol=0, atol=1e-4, msg=name)
+
+
+def test_chunked_routing_equals_whole_batch_routing_and_keeps_examples_apart():
+    torch.manual_seed(0)
+    whole = build_model("capsnet", routing_chunk=0, primary_conv="direct", **TINY).train()
+    chunked = build_model("capsnet", routing_chunk=3, primary_conv="direct", **TINY).train()
+    chunked.load_state_dict(whole.state_dict())
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    out_w, g_w = grads(whole, x, y)
+    out_c, g_c = grads(chunked, x, y)
+    for field in ("scores", "capsules", "coupling", "routing_logits", "reconstruction"):
+        torch.testing.assert_close(getattr(out_c, field), getattr(out_w, field), rtol=1e-5, atol=1e-6)
+    for name in g_w:
+        torch.testing.assert_close(g_c[name], g_w[name], rtol=1e-4, atol=1e-7, msg=name)
+    chunked.eval()
+    with torch.no_grad():  # an example's result does not depend on its chunk-mates
+        alone = chunked(x[5:6]).capsules
+        other = chunked(torch.cat([torch.rand(4, 1, 28, 28), x[5:6], torch.rand(2, 1, 28, 28)])).capsules[4:5]
+    torch.testing.assert_close(alone, other, rtol=1e-5, atol=1e-6)
+    c = chunked.eval()(x).coupling
+    torch.testing.assert_close(c.sum(2), torch.ones(c.shape[:2]), rtol=0, atol=1e-5)
+
+
+def test_inference_spectra_cache_follows_the_weights():
+    direct, spectral = pair()
+    direct.eval(), spectral.eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        first = spectral(x).scores
+        assert spectral._spectra is not None  # computed once, kept for the next call
+        torch.testing.assert_close(spectral(x).scores, first, rtol=0, atol=0)
+        for m in (direct, spectral):
+            m.primary.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+        changed = spectral(x).scores
+        torch.testing.assert_close(changed, direct(x).scores, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(changed, first)
+        spectral.load_state_dict(build_model("capsnet", **TINY).state_dict())
+        direct.load_state_dict(spectral.state_dict())
+        torch.testing.assert_close(spectral(x).scores, direct(x).scores, rtol=1e-4, atol=1e-6)
+    with torch.enable_grad():
+        spectral(x)  # a recorded forward (an attack) recomputes in the graph and drops the cache
+    assert spectral._spectra is None
+
+
+def test_auto_picks_spectral_on_a_fp32_cpu_and_direct_under_autocast_or_input_gradients():
+    model = build_model("capsnet", **TINY).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert model.use_spectral(x)
+    assert not model.use_spectral(x.clone().requires_grad_())  # attacks: the library convolution
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model.use_spectral(x)
+        model(x)  # the library convolution under autocast
+    forced = build_model("capsnet", primary_conv="spectral", **TINY).eval()
+    forced.load_state_dict(model.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert forced.use_spectral(x)
+        assert forced(x).scores.isfinite().all()  # spectral part in fp32, the rest in bf16
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"primary_conv": "fft"}, "primary_conv must be one of auto, direct, spectral"),
+    ({"primary_conv": "spectral", "input_size": 29}, "needs an even Conv1 output"),
+    ({"routing_chunk": -1}, "routing_chunk must be >= 0"),
+])  # fmt: skip
+def test_bad_fast_path_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("capsnet", **TINY, **options)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_allocator_tuning_is_on_by_default_and_can_be_turned_off():
+    code = ("from capsbench.allocator import tune_cpu_allocator, cpu_allocator_tuned; "
+            "print(tune_cpu_allocator(), cpu_allocator_tuned())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "CAPSBENCH_CPU_ALLOCATOR"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "CAPSBENCH_CPU_ALLOCATOR": "default"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert on.stdout.split() == ["True", "True"] and off.stdout.split() == ["False", "False"]
