@@ -53,4 +53,3 @@ def describe(device: torch.device) -> str:
     except OSError:
         pass
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
