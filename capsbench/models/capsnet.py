@@ -160,13 +160,18 @@ class CapsNet(BenchModel):
                 self._spectra = (key, spectral.weight_spectra(w.to(x.dtype), t_w))
         return self._spectra[1]
 
-    def predictions(self, u: Tensor) -> Tensor:
-        """u_hat[b, n, c] = W[n, c] @ u[b, n] as one batched matmul over the N children."""
-        N, C, D, P = self.W.shape
+    def predictions(self, u: Tensor, w: Tensor | None = None) -> Tensor:
+        """u_hat[b, n, c] = W[n, c] @ u[b, n] as one batched matmul over the N children;
+        ``w`` may pass ``prediction_weights()`` computed once for several calls."""
+        N, C, D, _ = self.W.shape
         B = u.shape[0]
-        w = self.W.permute(0, 3, 1, 2).reshape(N, P, C * D)  # (N, 8, C*16)
+        w = self.prediction_weights() if w is None else w  # (N, 8, C*16)
         u_hat = torch.bmm(u.transpose(0, 1), w)  # (N, B, C*16)
         return u_hat.view(N, B, C, D).transpose(0, 1)  # (B, N, C, 16)
+
+    def prediction_weights(self) -> Tensor:
+        N, C, D, P = self.W.shape
+        return self.W.permute(0, 3, 1, 2).reshape(N, P, C * D)  # (N, 8, C*16), a copy
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:
         u = self.primary_capsules(x)  # (B, N, 8)
@@ -186,8 +191,9 @@ class CapsNet(BenchModel):
         cfg = self.cfg
         if chunk >= len(u):
             return dynamic_routing(self.predictions(u).float(), cfg.routing_iters, cfg.inner_routing_grad)
+        w = self.prediction_weights()  # one copy (and one gradient) for every chunk
         # split, not slicing: the backward of a slice would allocate a full-batch gradient per chunk
-        parts = [dynamic_routing(self.predictions(p).float(), cfg.routing_iters, cfg.inner_routing_grad)
+        parts = [dynamic_routing(self.predictions(p, w).float(), cfg.routing_iters, cfg.inner_routing_grad)
                  for p in u.split(chunk)]  # fmt: skip
         return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
 
