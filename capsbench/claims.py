@@ -162,6 +162,7 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
     if claim.value == "params":
         v = float(rows.params.iloc[0]) / 1e6
         return {"mean": v, "ci_low": v, "ci_high": v, "n_seeds": 1, "chosen": chosen, "method": "exact count"}
+    failed = sorted({int(getattr(r, "seed", 0)) for r in rows.itertuples() if getattr(r, "train_failed", False)})
     a = _proportions(claim, rows)
     b = _proportions(claim, _rows(df, claim.minus, chosen)[0]) if claim.minus else {}
     seeds = sorted(set(a) & set(b)) if claim.minus else sorted(a)
@@ -171,7 +172,7 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
     if len(seeds) > 1:
         st = seed_summary(vals)
         return {"mean": st["mean"], "ci_low": st["ci_low"], "ci_high": st["ci_high"], "n_seeds": len(seeds),
-                "chosen": chosen, "method": f"t-interval over {len(seeds)} seeds"}  # fmt: skip
+                "chosen": chosen, "method": f"t-interval over {len(seeds)} seeds", "failed": failed}  # fmt: skip
     (k1, n1) = a[seeds[0]]
     if claim.minus:
         lo, hi = newcombe_interval(k1, n1, *b[seeds[0]])
@@ -179,7 +180,8 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
     else:
         lo, hi = wilson_interval(k1, n1)
         method = f"Wilson interval, n={n1} images, 1 seed"
-    return {"mean": vals[0], "ci_low": 100 * lo, "ci_high": 100 * hi, "n_seeds": 1, "chosen": chosen, "method": method}
+    return {"mean": vals[0], "ci_low": 100 * lo, "ci_high": 100 * hi, "n_seeds": 1, "chosen": chosen, "method": method,
+            "failed": failed}
 
 
 def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dict[str, Any]:
@@ -195,5 +197,9 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
         notes.append("affNIST-style composite set, not affNIST (set affine.affnist_path for the real test set)")
     if preset != "full" and claim.value != "params":
         notes.append(f"reduced protocol (preset {preset}), not the paper's: the verdict is about this protocol only")
+    decided = verdict(claim, m["ci_low"], m["ci_high"])
+    if m.get("failed"):  # a model that did not learn cannot speak for or against the claim
+        decided = "inconclusive"
+        notes.append(f"training failed (accuracy at chance) for seed(s) {', '.join(map(str, m['failed']))}")
     return {**row, "measured_mean": round(m["mean"], 6), "ci_low": round(m["ci_low"], 6), "ci_high": round(m["ci_high"], 6),
-            "n_seeds": m["n_seeds"], "verdict": verdict(claim, m["ci_low"], m["ci_high"]), "notes": "; ".join(notes)}  # fmt: skip
+            "n_seeds": m["n_seeds"], "verdict": decided, "notes": "; ".join(notes)}  # fmt: skip

@@ -167,3 +167,18 @@ def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():
                         for m, a in (("capsnet", 0.5), ("cnn-pooled", 0.9))])  # fmt: skip
     row = claim_row(claims["affnist-gap"], {"affine": aff}, "full")
     assert row["verdict"] == "not reproduced" and "composite" in row["notes"]
+
+
+def test_a_model_that_did_not_train_makes_its_claim_inconclusive():
+    import pandas as pd
+
+    from capsbench.claims import claim_row
+
+    claims = load_claims()
+    rows = [{"claim": "mnist-error-baseline", "model": "cnn-paper", "accuracy": a, "error": 1 - a, "n": 2000,
+             "correct": round(2000 * a), "seed": 0, "train_failed": failed} for a, failed in ((0.117, True),)]  # fmt: skip
+    row = claim_row(claims["mnist-error-baseline"], {"table1": pd.DataFrame(rows)}, "quick")
+    assert row["measured_mean"] == pytest.approx(88.3)  # the measurement stays in the table...
+    assert row["verdict"] == "inconclusive" and "training failed" in row["notes"]  # ...but decides nothing
+    rows[0].update(accuracy=0.5, error=0.5, correct=1000, train_failed=False)  # trained, just badly
+    assert claim_row(claims["mnist-error-baseline"], {"table1": pd.DataFrame(rows)}, "quick")["verdict"] == "not reproduced"

@@ -22,6 +22,11 @@ from capsbench.suites.base import PARTS, PartResult, RunContext
 from capsbench.summary import markdown_table
 
 
+# A model below CHANCE_FACTOR x chance accuracy did not train (e.g. its loss stuck at ln C): its
+# error says nothing about the claim, which is then inconclusive rather than "not reproduced".
+CHANCE_FACTOR = 2.0
+
+
 @dataclass(frozen=True)
 class Table1Config:
     claims: list[str] = field(default_factory=list)  # table1 claim ids to measure; empty = all
@@ -81,7 +86,8 @@ def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
     return {"claim": claim.id, "model": claim.model, "options": json.dumps(claim.options, sort_keys=True),
             "params": tm.meta["params"], "accuracy": acc, "error": 1 - acc, "n": n, "correct": round(acc * n),
             "seed": ctx.seed, "steps": tm.meta["steps"], "train_seconds": tm.meta["train_seconds"],
-            "from_cache": tm.cached, "paper_error_pct": claim.paper_value}  # fmt: skip
+            "from_cache": tm.cached, "paper_error_pct": claim.paper_value,
+            "train_failed": bool(acc < CHANCE_FACTOR / tm.model.num_classes)}  # fmt: skip
 
 
 def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
@@ -96,8 +102,14 @@ def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
                   f"{int(errors.n.iloc[0])} MNIST test digits; accuracy with a 95% Wilson interval.", "",
                   markdown_table(pd.DataFrame([{"claim": r.claim, "model": r.model, "options": r.options,
                                                 "test error %": f"{100 * r.error:.2f}", "paper %": r.paper_error_pct,
-                                                "accuracy": format_accuracy(r.accuracy, int(r.n)), "steps": r.steps}
+                                                "accuracy": format_accuracy(r.accuracy, int(r.n)), "steps": r.steps,
+                                                "trained": "NO (at chance)" if r.train_failed else "yes"}
                                                for r in errors.itertuples()])), ""]  # fmt: skip
+        failed = errors[errors.train_failed]
+        if len(failed):
+            lines += [f"**Training failed** for {', '.join(failed.claim)}: test accuracy below {CHANCE_FACTOR:g}x chance, "
+                      "so these errors measure a model that did not learn, not the architecture; their claims are "
+                      "marked inconclusive. Try another seed, more steps or a lower `train.lr`.", ""]  # fmt: skip
     if not params.empty:
         lines += ["Parameter counts at 28x28:", "", markdown_table(params.drop(columns="seed")), ""]
     return PartResult(tables=tables, summary="\n".join(lines))
