@@ -47,6 +47,7 @@ class Claim:
     value: str = "accuracy"  # accuracy, error or params, read for `model`
     where: dict[str, Any] = field(default_factory=dict)  # row filter; a list = first value with rows
     minus: str = ""  # a second model to subtract (a difference claim), on the same images
+    train: dict[str, Any] = field(default_factory=dict)  # training-config overrides of this claim's model
 
     @property
     def tolerance_rule(self) -> str:
@@ -74,7 +75,7 @@ def _claim(cid: str, raw: dict[str, Any]) -> Claim:
         raise CapsbenchError(f"claim {cid!r}: value must be one of {', '.join(VALUES)}, got {raw['value']!r}")
     return Claim(cid, raw["source"], raw["statement"], float(raw["paper_value"]), raw["unit"], raw["metric"],
                  raw["protocol"], raw["model"], (lo, hi), dict(raw["options"]), raw["part"], raw["table"],
-                 raw["value"], dict(raw["where"]), raw.get("minus", ""))  # fmt: skip
+                 raw["value"], dict(raw["where"]), raw.get("minus", ""), dict(raw.get("train", {})))  # fmt: skip
 
 
 def load_claims(text: str | None = None) -> dict[str, Claim]:

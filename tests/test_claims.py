@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from capsbench.cli import main
 from capsbench.errors import CapsbenchError
 from capsbench.models import build_model
 from capsbench.stats import seed_summary, t_quantile_975
+from capsbench.train.config import TrainConfig
 
 REQUIRED = {
     "mnist-error-baseline", "mnist-error-r1-norecon", "mnist-error-r1-recon", "mnist-error-r3-norecon",
@@ -28,6 +30,8 @@ def test_registry_is_complete_and_every_entry_is_filled():
         assert lo < hi
         if not math.isnan(c.paper_value):
             assert lo <= c.paper_value <= hi, f"{c.id}: the paper's own value must satisfy its claim"
+        assert set(c.train) <= {f.name for f in dataclasses.fields(TrainConfig)}, c.id  # training overrides
+    assert claims["mnist-error-baseline"].train == {"lr": 1e-4}  # lr 1e-3 leaves cnn-paper at chance
 
 
 def test_table1_values_match_the_facts_file():

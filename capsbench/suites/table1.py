@@ -74,7 +74,11 @@ def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
 
     if ctx.data is None:
         raise CapsbenchError("the table1 part needs the MNIST training set; run it through `python -m capsbench run`")
-    train = dataclasses.replace(ctx.train_cfg, augment=cfg.augment, max_shift=cfg.max_shift)
+    try:
+        train = dataclasses.replace(ctx.train_cfg, augment=cfg.augment, max_shift=cfg.max_shift, **claim.train)
+    except TypeError:
+        raise CapsbenchError(f"claim {claim.id}: train = {claim.train} names a key that is not a training key "
+                             "(capsbench/claims.toml)") from None
     t0 = time.perf_counter()
     tm = get_trained(claim.model, train, ctx.device, {**claim.options, "input_size": 28}, root=ctx.cache_root,
                      progress=ctx.progress, data=ctx.data)  # fmt: skip
