@@ -30,7 +30,6 @@ from torch import Tensor
 TAPS = 5  # taps per phase and axis of a 9x9 kernel (phase 1 has 4, zero-padded)
 KERNEL = 2 * TAPS - 1
 GAUSS = 3  # real products per complex one
-CHUNK_COLUMNS = 8192  # columns per transform GEMM: keeps each piece in cache (2-3x faster on a CPU)
 
 
 def frequencies(n: int) -> list[tuple[int, int, int]]:
@@ -77,49 +76,21 @@ def supports(conv1_out: int, kernel: int, stride: int) -> bool:
     return conv1_out % 2 == 0 and conv1_out // 2 >= TAPS and kernel == KERNEL and stride == 2
 
 
-class _LeftMM(torch.autograd.Function):
-    """``t @ x`` for a small constant t (R, K) and a wide x (K, M), in column chunks that stay in
-    cache; x's gradient is ``t.T @ grad``, chunked the same way."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, x: Tensor) -> Tensor:
-        ctx.save_for_backward(t)
-        return chunked_mm(t, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
-        (t,) = ctx.saved_tensors
-        return None, chunked_mm(t.t(), grad)
-
-
-def chunked_mm(t: Tensor, x: Tensor) -> Tensor:
-    if x.device.type != "cpu":
-        return t @ x
-    x = x.contiguous()
-    out = x.new_empty(t.shape[0], x.shape[1])
-    for s in range(0, x.shape[1], CHUNK_COLUMNS):
-        torch.mm(t, x[:, s : s + CHUNK_COLUMNS], out=out[:, s : s + CHUNK_COLUMNS])
-    return out
-
-
-def left_mm(t: Tensor, x: Tensor) -> Tensor:
-    return _LeftMM.apply(t, x)
-
-
 def weight_spectra(weight: Tensor, t_w: Tensor) -> Tensor:
     """PrimaryCaps weight (O, C, 9, 9) -> (3F, 4C, O): Gauss's three real kernel spectra per
     frequency, contraction index (phase a, phase e, channel)."""
     O, C = weight.shape[:2]
     # zero-padded to 10x10: [o, c, p, a, q, e] -> (p, q, a, e, c, o)
     wp = F.pad(weight, (0, 1, 0, 1)).view(O, C, TAPS, 2, TAPS, 2).permute(2, 4, 3, 5, 1, 0)
-    return left_mm(t_w, wp.reshape(TAPS**2, 4 * C * O)).view(t_w.shape[0], 4 * C, O)
+    with torch.autocast(weight.device.type, enabled=False):
+        return (t_w @ wp.reshape(TAPS**2, 4 * C * O)).view(t_w.shape[0], 4 * C, O)
 
 
 def spectral_primary(x: Tensor, conv1: torch.nn.Conv2d, primary: torch.nn.Conv2d,
                      spectra: Tensor | None = None) -> Tensor:  # fmt: skip
     """``primary(relu(conv1(x)))`` for x (B, Cin, S, S): (B, O, G, G) as a view of a (G, G, B, O)
     tensor. ``spectra`` may pass weight_spectra(primary.weight, ...) computed before. Runs in
-    the input's dtype with autocast off (its GEMMs write into preallocated outputs)."""
+    the input's dtype with autocast off (the transforms are exact only in full precision)."""
     with torch.autocast(x.device.type, enabled=False):
         return _spectral_primary(x, conv1, primary, spectra)
 
@@ -136,7 +107,7 @@ def _spectral_primary(x: Tensor, conv1: torch.nn.Conv2d, primary: torch.nn.Conv2
     K = cols.shape[1]
     cols = cols.view(B, K, n, 2, n, 2).permute(2, 4, 0, 3, 5, 1).reshape(-1, K)
     h = torch.addmm(conv1.bias.to(x.dtype), cols, conv1.weight.to(x.dtype).view(C, K).t()).relu_()  # (n*n*B*4, C)
-    X = left_mm(t_x, h.view(n * n, B * 4 * C)).view(-1, B, 4 * C)  # (3F, B, 4C)
+    X = (t_x @ h.view(n * n, B * 4 * C)).view(-1, B, 4 * C)  # (3F, B, 4C)
     V = weight_spectra(primary.weight.to(x.dtype), t_w) if spectra is None else spectra  # (3F, 4C, O)
     Y = torch.bmm(X, V)  # (3F, B, O): Gauss's k1, k2, k3 per frequency
     y = (u @ Y.view(Y.shape[0], B * O)).view(G, G, B, O) + primary.bias.to(x.dtype)  # (G, G, B, O)
