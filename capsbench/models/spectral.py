@@ -29,7 +29,6 @@ from torch import Tensor
 
 TAPS = 5  # taps per phase and axis of a 9x9 kernel (phase 1 has 4, zero-padded)
 KERNEL = 2 * TAPS - 1
-GAUSS = 3  # real products per complex one
 
 
 def frequencies(n: int) -> list[tuple[int, int, int]]:
