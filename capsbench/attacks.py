@@ -18,6 +18,7 @@ from torch import Tensor
 
 from capsbench.device import autocast
 from capsbench.models import BenchModel
+from capsbench.models.base import eval_mode
 from capsbench.registry import Registry
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
@@ -26,17 +27,15 @@ ATTACKS: Registry[type["Attack"]] = Registry("attack")
 @contextlib.contextmanager
 def attack_mode(model: BenchModel) -> Iterator[None]:
     """Eval mode and frozen parameters for the duration; both restored afterwards."""
-    was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients: they cost as much as the input gradient
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
-        model.train(was_training)
 
 
 def model_device(model: BenchModel) -> torch.device:

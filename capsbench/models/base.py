@@ -6,7 +6,8 @@ A suite never special-cases a model: it calls ``model(x, y)`` to get a :class:`M
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -53,3 +54,14 @@ def predict(out: ModelOutput) -> Tensor:
 def count_correct(model: BenchModel, x: Tensor, y: Tensor) -> Tensor:
     """Number of correct predictions as a 0-dim tensor (no host sync)."""
     return (predict(model(x)) == y).sum()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, the previous mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

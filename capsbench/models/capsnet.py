@@ -153,11 +153,10 @@ class CapsNet(BenchModel):
         if torch.is_grad_enabled() and w.requires_grad:
             self._spectra = None
             return None  # training or attacking: recomputed in the graph
-        key = (w._version, w.data_ptr(), w.dtype, w.device, x.dtype)
-        if getattr(self, "_spectra", None) is None or self._spectra[0] != key:
-            t_w = spectral.transforms64(x.shape[-1] // 2 - 4)[1].to(device=w.device, dtype=x.dtype)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, x.dtype, x.shape[-1])
+        if self._spectra is None or self._spectra[0] != key:
             with torch.no_grad():
-                self._spectra = (key, spectral.weight_spectra(w.to(x.dtype), t_w))
+                self._spectra = (key, spectral.weight_spectra(w.to(x.dtype), spectral.phase_side(x.shape[-1])))
         return self._spectra[1]
 
     def predictions(self, u: Tensor, w: Tensor | None = None) -> Tensor:
@@ -187,15 +186,13 @@ class CapsNet(BenchModel):
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Predictions and routing (in fp32) for primary capsules u (B, N, 8), in chunks of
         ``routing_chunk`` examples (each example is routed on its own either way)."""
-        chunk = self.cfg.routing_chunk or (CPU_ROUTING_CHUNK if u.device.type == "cpu" else len(u))
         cfg = self.cfg
-        if chunk >= len(u):
-            return dynamic_routing(self.predictions(u).float(), cfg.routing_iters, cfg.inner_routing_grad)
+        chunk = cfg.routing_chunk or (CPU_ROUTING_CHUNK if u.device.type == "cpu" else len(u))
         w = self.prediction_weights()  # one copy (and one gradient) for every chunk
         # split, not slicing: the backward of a slice would allocate a full-batch gradient per chunk
         parts = [dynamic_routing(self.predictions(p, w).float(), cfg.routing_iters, cfg.inner_routing_grad)
                  for p in u.split(chunk)]  # fmt: skip
-        return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
 
     def decode(self, capsules: Tensor, target: Tensor) -> Tensor:
         """Decoder image (B, S*S) from class capsules (B, C, D), every capsule but ``target``'s

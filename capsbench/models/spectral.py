@@ -70,15 +70,27 @@ def transforms64(n: int) -> tuple[Tensor, Tensor, Tensor]:
     return t_x, t_w, u
 
 
+@lru_cache(maxsize=None)
+def transforms(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """transforms64(n) on ``device`` in ``dtype``, converted once per (n, device, dtype)."""
+    return tuple(t.to(device=device, dtype=dtype) for t in transforms64(n))  # type: ignore[return-value]
+
+
+def phase_side(input_size: int, conv1_kernel: int = KERNEL) -> int:
+    """Side n of one input phase of PrimaryCaps: half of Conv1's (valid) output side."""
+    return (input_size - conv1_kernel + 1) // 2
+
+
 def supports(conv1_out: int, kernel: int, stride: int) -> bool:
     """Whether a PrimaryCaps layer of this shape can take the spectral path."""
     return conv1_out % 2 == 0 and conv1_out // 2 >= TAPS and kernel == KERNEL and stride == 2
 
 
-def weight_spectra(weight: Tensor, t_w: Tensor) -> Tensor:
-    """PrimaryCaps weight (O, C, 9, 9) -> (3F, 4C, O): Gauss's three real kernel spectra per
-    frequency, contraction index (phase a, phase e, channel)."""
+def weight_spectra(weight: Tensor, n: int) -> Tensor:
+    """PrimaryCaps weight (O, C, 9, 9) -> (3F, 4C, O) for n x n phases: Gauss's three real
+    kernel spectra per frequency, contraction index (phase a, phase e, channel)."""
     O, C = weight.shape[:2]
+    t_w = transforms(n, weight.device, weight.dtype)[1]
     # zero-padded to 10x10: [o, c, p, a, q, e] -> (p, q, a, e, c, o)
     wp = F.pad(weight, (0, 1, 0, 1)).view(O, C, TAPS, 2, TAPS, 2).permute(2, 4, 3, 5, 1, 0)
     with torch.autocast(weight.device.type, enabled=False):
@@ -88,7 +100,7 @@ def weight_spectra(weight: Tensor, t_w: Tensor) -> Tensor:
 def spectral_primary(x: Tensor, conv1: torch.nn.Conv2d, primary: torch.nn.Conv2d,
                      spectra: Tensor | None = None) -> Tensor:  # fmt: skip
     """``primary(relu(conv1(x)))`` for x (B, Cin, S, S): (B, O, G, G) as a view of a (G, G, B, O)
-    tensor. ``spectra`` may pass weight_spectra(primary.weight, ...) computed before. Runs in
+    tensor. ``spectra`` may pass weight_spectra(primary.weight, n) computed before. Runs in
     the input's dtype with autocast off (the transforms are exact only in full precision)."""
     with torch.autocast(x.device.type, enabled=False):
         return _spectral_primary(x, conv1, primary, spectra)
@@ -97,9 +109,9 @@ def spectral_primary(x: Tensor, conv1: torch.nn.Conv2d, primary: torch.nn.Conv2d
 def _spectral_primary(x: Tensor, conv1: torch.nn.Conv2d, primary: torch.nn.Conv2d, spectra: Tensor | None) -> Tensor:
     B, cin, S, _ = x.shape
     k1 = conv1.kernel_size[0]
-    n = (S - k1 + 1) // 2  # phase side
+    n = phase_side(S, k1)
     C, O, G = conv1.out_channels, primary.out_channels, n - TAPS + 1
-    t_x, t_w, u = (t.to(device=x.device, dtype=x.dtype) for t in transforms64(n))
+    t_x, _, u = transforms(n, x.device, x.dtype)
     # Conv1 as one GEMM; patch rows ordered (m, n, b, a, e) so that its output (rows x C) is
     # the (pixel, image x phase x channel) matrix the transform reads, with no transpose.
     cols = F.unfold(x, k1)  # (B, Cin*k1*k1, 2n*2n) [b, k, (m, a, n, e)]
@@ -107,7 +119,7 @@ def _spectral_primary(x: Tensor, conv1: torch.nn.Conv2d, primary: torch.nn.Conv2
     cols = cols.view(B, K, n, 2, n, 2).permute(2, 4, 0, 3, 5, 1).reshape(-1, K)
     h = torch.addmm(conv1.bias.to(x.dtype), cols, conv1.weight.to(x.dtype).view(C, K).t()).relu_()  # (n*n*B*4, C)
     X = (t_x @ h.view(n * n, B * 4 * C)).view(-1, B, 4 * C)  # (3F, B, 4C)
-    V = weight_spectra(primary.weight.to(x.dtype), t_w) if spectra is None else spectra  # (3F, 4C, O)
+    V = weight_spectra(primary.weight.to(x.dtype), n) if spectra is None else spectra  # (3F, 4C, O)
     Y = torch.bmm(X, V)  # (3F, B, O): Gauss's k1, k2, k3 per frequency
     y = (u @ Y.view(Y.shape[0], B * O)).view(G, G, B, O) + primary.bias.to(x.dtype)  # (G, G, B, O)
     return y.permute(2, 3, 0, 1)

@@ -8,10 +8,8 @@ skipped with a note.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import matplotlib
 import numpy as np
@@ -25,6 +23,7 @@ from capsbench.attacks import FGSM
 from capsbench.device import autocast
 from capsbench.errors import CapsbenchError
 from capsbench.models import CapsNet
+from capsbench.models.base import eval_mode
 from capsbench.suites.base import PARTS, Check, PartResult, RunContext
 from capsbench.summary import markdown_table
 
@@ -52,17 +51,6 @@ class CapsulesConfig:
 def offsets() -> Tensor:
     """The 11 offsets -0.25, -0.20, ..., 0.25 (integer steps: no float drift; index STEPS is 0)."""
     return torch.arange(-STEPS, STEPS + 1) * STEP
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, the previous mode restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @dataclass

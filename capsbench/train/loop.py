@@ -20,6 +20,7 @@ from capsbench.data import augment
 from capsbench.device import amp_dtype, autocast
 from capsbench.errors import CapsbenchError
 from capsbench.models import BenchModel, predict
+from capsbench.models.base import eval_mode
 from capsbench.train import checkpoint
 from capsbench.train.config import TrainConfig
 
@@ -46,17 +47,13 @@ def evaluate(
     batch_size: int = 500, dtype: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """Accuracy of ``model`` (eval mode, restored afterwards) on ``x``; ``prepare`` maps raw batches."""
-    was_training = model.training
-    model.eval()
     correct = torch.zeros((), dtype=torch.long, device=y.device)
-    try:
+    with eval_mode(model):
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
             xb = prepare(xb) if prepare is not None else xb
             with autocast(xb.device, dtype):
                 correct += (predict(model(xb)) == y[i : i + batch_size]).sum()
-    finally:
-        model.train(was_training)
     return correct.item() / max(len(x), 1), len(x)
 
 
