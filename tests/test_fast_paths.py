@@ -1,6 +1,7 @@
 """The CPU fast paths compute the same function as the plain ones: spectral PrimaryCaps vs
-F.conv2d, chunked routing vs whole-batch routing, the inference weight-spectra cache, and the
-allocator switch. Float64 comparisons are tight (the paths are exact in exact arithmetic);
+F.conv2d, parent-major routing (hand-written backward) vs autograd through the plain routing,
+chunked routing vs whole-batch routing, the inference weight-spectra cache, and the allocator
+switch. Float64 comparisons are tight (the paths are exact in exact arithmetic);
 fp32 ones are loose by the rounding of different summation orders."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsbench.models import build_model
+from capsbench.models.routing import dynamic_routing, parent_major_routing
 from capsbench.models.spectral import frequencies, spectral_primary, supports
 
 TINY = dict(conv_channels=16, primary_types=4, decoder_hidden=(32, 64))
@@ -141,7 +143,67 @@ def test_auto_picks_spectral_on_a_fp32_cpu_and_direct_under_autocast_or_input_gr
         assert forced(x).scores.isfinite().all()  # spectral part in fp32, the rest in bf16
 
 
+@pytest.mark.parametrize("iters", [1, 2, 3])
+@pytest.mark.parametrize("inner_grad", [True, False])
+def test_parent_major_routing_equals_plain_routing_in_float64(iters, inner_grad):
+    torch.manual_seed(iters)
+    u_hat = torch.randn(3, 20, 4, 5, dtype=torch.float64, requires_grad=True)  # (B, N, C, D)
+    ref = dynamic_routing(u_hat, iters, inner_grad)
+    parent_major = u_hat.detach().transpose(1, 2).contiguous().requires_grad_()  # (B, C, N, D)
+    out = parent_major_routing(parent_major, iters, inner_grad)
+    for a, b in zip(out, ref):  # v, coupling, logits
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    gv, gc, gb = (torch.randn_like(t) for t in ref)  # the coupling and logits are outputs too
+    loss = lambda v, c, b: (v * gv).sum() + (c * gc).sum() + (b * gb).sum()  # noqa: E731
+    g_ref = torch.autograd.grad(loss(*ref), u_hat)[0]
+    g_out = torch.autograd.grad(loss(*out), parent_major)[0]
+    torch.testing.assert_close(g_out.transpose(1, 2), g_ref, rtol=0, atol=1e-12)
+
+
+def test_parent_major_routing_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    u_hat = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: parent_major_routing(u, 3), (u_hat,))
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+@pytest.mark.parametrize("reconstruction", [True, False])
+def test_parent_major_capsnet_matches_plain_in_fp32(iters, reconstruction):
+    torch.manual_seed(0)
+    plain = build_model("capsnet", routing_impl="plain", routing_iters=iters, reconstruction=reconstruction, **TINY)
+    fast = build_model("capsnet", routing_impl="parent-major", routing_iters=iters, reconstruction=reconstruction,
+                       **TINY)  # fmt: skip
+    fast.load_state_dict(plain.state_dict())
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    out_p, g_p = grads(plain.train(), x, y)
+    out_f, g_f = grads(fast.train(), x, y)
+    for field in ("scores", "capsules", "coupling", "routing_logits", "reconstruction"):
+        if getattr(out_p, field) is not None:
+            torch.testing.assert_close(getattr(out_f, field), getattr(out_p, field), rtol=1e-5, atol=1e-6)
+    for name in g_p:
+        scale = g_p[name].abs().max()
+        torch.testing.assert_close(g_f[name] / scale, g_p[name] / scale, rtol=0, atol=1e-5, msg=name)
+    fast.eval()
+    with torch.no_grad():  # an example's result does not depend on its batch-mates
+        alone = fast(x[2:3]).capsules
+        other = fast(torch.cat([torch.rand(3, 1, 28, 28), x[2:3]])).capsules[3:4]
+    torch.testing.assert_close(alone, other, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_routing_is_parent_major_only_on_the_plain_fp32_cpu_path():
+    model = build_model("capsnet", **TINY).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert model.use_parent_major(x)
+    assert not model.use_parent_major(x.clone().requires_grad_())  # attacks: autograd's routing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model.use_parent_major(x)
+    assert not build_model("capsnet", routing_impl="plain", **TINY).use_parent_major(x)
+    assert build_model("capsnet", routing_impl="parent-major", **TINY).use_parent_major(x.clone().requires_grad_())
+
+
 @pytest.mark.parametrize(("options", "message"), [
+    ({"routing_impl": "einsum"}, "routing_impl must be one of auto, plain, parent-major"),
     ({"primary_conv": "fft"}, "primary_conv must be one of auto, direct, spectral"),
     ({"primary_conv": "spectral", "input_size": 29}, "needs an even Conv1 output"),
     ({"routing_chunk": -1}, "routing_chunk must be >= 0"),

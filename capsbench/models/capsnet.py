@@ -14,39 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capsbench.models import spectral
+from capsbench.models.routing import dynamic_routing, parent_major_routing, squash
 from capsbench.models.base import BenchModel, ModelOutput
 
-SQUASH_EPS = 1e-8
-
-
-def squash(s: Tensor, dim: int = -1) -> Tensor:
-    """v = |s|^2 / (1 + |s|^2) * s / |s|; eps inside the root keeps the gradient finite at 0."""
-    n2 = (s * s).sum(dim=dim, keepdim=True)
-    return s * (n2 / (1.0 + n2) / torch.sqrt(n2 + SQUASH_EPS))
-
-
-def dynamic_routing(u_hat: Tensor, iters: int, inner_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Routing-by-agreement (Procedure 1 of the paper), independently for every example.
-
-    u_hat: (B, N, C, D) predictions of N child capsules for C parents. Returns v (B, C, D),
-    the final coupling c (B, N, C) (softmax over the C parents) and routing logits b (B, N, C).
-    With ``inner_grad=False`` the iterations before the last see a detached u_hat.
-    Products are broadcast multiply-and-sum: on a CPU they stream u_hat once each, where an
-    einsum would first copy it into a batched-matmul layout.
-    """
-    u_inner = u_hat if inner_grad else u_hat.detach()
-    b = u_hat.new_zeros(u_hat.shape[:3])  # (B, N, C): starts at 0 for every example
-    for i in range(iters):
-        last = i == iters - 1
-        u = u_hat if last else u_inner
-        c = torch.softmax(b, dim=2)  # over parents, not over children
-        v = squash((c.unsqueeze(-1) * u).sum(1))  # s = sum_n c u_hat: (B, C, D)
-        if not last:
-            b = b + (u * v.unsqueeze(1)).sum(-1)  # agreement u_hat . v: (B, N, C)
-    return v, c, b
-
-
 PRIMARY_CONVS = ("auto", "direct", "spectral")
+ROUTING_IMPLS = ("auto", "plain", "parent-major")
 CPU_ROUTING_CHUNK = 8  # examples routed at a time on a CPU: u_hat (8 x 1152 x 10 x 16 fp32, 5.9 MB) stays in cache
 
 
@@ -71,6 +43,12 @@ class CapsNetConfig:
     # models/spectral.py), or "auto": spectral for fp32 CPU training and inference, direct on a
     # GPU (cuDNN), under autocast and when the input needs a gradient (attacks).
     primary_conv: str = "auto"
+    # How routing is computed (same function): "plain" (broadcast multiply-and-sum over
+    # (B, N, C, D) predictions, differentiated by autograd; torch.compile fuses it on a GPU),
+    # "parent-major" ((B, C, N, D) predictions, batched matrix-vector products and a
+    # hand-written backward; see models/routing.py), or "auto": parent-major where "auto"
+    # primary_conv picks spectral (fp32 CPU, no autocast, no input gradient), plain elsewhere.
+    routing_impl: str = "auto"
     recon_weight: float = 0.0005
     decoder_hidden: tuple[int, int] = (512, 1024)
     m_plus: float = 0.9
@@ -85,6 +63,15 @@ class CapsNetConfig:
     @property
     def num_primary(self) -> int:
         return self.primary_grid**2 * self.primary_types
+
+
+def cpu_fast_path(x: Tensor) -> bool:
+    """Whether the "auto" options take the CPU fast paths for input x: fp32 on a CPU without
+    autocast (GPUs keep cuDNN and compiled routing), and no input gradient. Attacks keep the
+    plain paths: a fast path's rounding (~1e-7 of the largest gradient) flips the sign of
+    near-zero pixel gradients, and FGSM moves those pixels by eps."""
+    plain = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return plain and not x.requires_grad
 
 
 class CapsNet(BenchModel):
@@ -102,6 +89,8 @@ class CapsNet(BenchModel):
             raise ValueError("routing_chunk must be >= 0 (0 = auto)")
         if cfg.primary_conv not in PRIMARY_CONVS:
             raise ValueError(f"primary_conv must be one of {', '.join(PRIMARY_CONVS)}, got {cfg.primary_conv!r}")
+        if cfg.routing_impl not in ROUTING_IMPLS:
+            raise ValueError(f"routing_impl must be one of {', '.join(ROUTING_IMPLS)}, got {cfg.routing_impl!r}")
         if cfg.primary_conv == "spectral" and not spectral.supports(cfg.input_size - 8, 9, 2):
             raise ValueError(f"primary_conv='spectral' needs an even Conv1 output (input_size 28 or 40), "
                              f"got input_size {cfg.input_size}")  # fmt: skip
@@ -139,12 +128,12 @@ class CapsNet(BenchModel):
     def use_spectral(self, x: Tensor) -> bool:
         mode = self.cfg.primary_conv
         if mode == "auto":
-            # fp32 CPU only: autocast and GPUs keep the library convolution. So do input gradients
-            # (attacks): the spectral path's rounding is ~1e-7 of the largest gradient everywhere,
-            # which flips the sign of near-zero pixel gradients, and FGSM moves those pixels by eps.
-            plain = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            mode = "spectral" if plain and not x.requires_grad else "direct"
+            mode = "spectral" if cpu_fast_path(x) else "direct"
         return mode == "spectral" and spectral.supports(x.shape[-1] - 8, 9, 2)
+
+    def use_parent_major(self, x: Tensor) -> bool:
+        mode = self.cfg.routing_impl
+        return mode == "parent-major" or (mode == "auto" and cpu_fast_path(x))
 
     def cached_spectra(self, x: Tensor) -> Tensor | None:
         """PrimaryCaps' weight spectra, kept while no gradient is recorded and the weight is
@@ -174,7 +163,7 @@ class CapsNet(BenchModel):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:
         u = self.primary_capsules(x)  # (B, N, 8)
-        v, c, b = self.route(u)
+        v, c, b = self.route(u, self.use_parent_major(x))
         lengths = v.norm(dim=-1)  # (B, C)
         recon = None
         if self.decoder is not None:
@@ -183,15 +172,21 @@ class CapsNet(BenchModel):
             recon = self.decode(v, target)
         return ModelOutput(lengths, v, recon, c, b)
 
-    def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def route(self, u: Tensor, parent_major: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Predictions and routing (in fp32) for primary capsules u (B, N, 8), in chunks of
-        ``routing_chunk`` examples (each example is routed on its own either way)."""
+        ``routing_chunk`` examples (each example is routed on its own either way), by
+        ``dynamic_routing`` or, with ``parent_major``, by ``parent_major_routing``."""
         cfg = self.cfg
         chunk = cfg.routing_chunk or (CPU_ROUTING_CHUNK if u.device.type == "cpu" else len(u))
         w = self.prediction_weights()  # one copy (and one gradient) for every chunk
-        # split, not slicing: the backward of a slice would allocate a full-batch gradient per chunk
-        parts = [dynamic_routing(self.predictions(p, w).float(), cfg.routing_iters, cfg.inner_routing_grad)
-                 for p in u.split(chunk)]  # fmt: skip
+        parts = []
+        for p in u.split(chunk):  # split, not slicing: a slice's backward allocates a full-batch gradient per chunk
+            u_hat = self.predictions(p, w).float()  # (b, N, C, D), a view of (N, b, C, D)
+            if parent_major:
+                parts.append(parent_major_routing(u_hat.transpose(1, 2).contiguous(), cfg.routing_iters,
+                                                  cfg.inner_routing_grad))  # fmt: skip
+            else:
+                parts.append(dynamic_routing(u_hat, cfg.routing_iters, cfg.inner_routing_grad))
         return parts[0] if len(parts) == 1 else tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
 
     def decode(self, capsules: Tensor, target: Tensor) -> Tensor:
