@@ -20,7 +20,7 @@ COLUMNS = {
                    "step_ms_iqr", "peak_mem_mb", "params", "macs_per_sample"},  # fmt: skip
 }
 PART_TABLES = {"affine": ["affine"], "adversarial": ["adversarial"], "throughput": ["throughput"],
-               "capsules": ["capsules_reconstruction", "capsules_routing"]}
+               "capsules": ["capsules_reconstruction", "capsules_routing"], "tta": ["tta", "tta_curve"]}
 
 
 @pytest.fixture(scope="session")

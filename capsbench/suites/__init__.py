@@ -2,7 +2,7 @@
 
 import importlib
 
-PART_MODULES = ("affine", "adversarial", "throughput", "table1", "multimnist", "capsules")
+PART_MODULES = ("affine", "adversarial", "throughput", "table1", "multimnist", "capsules", "tta")
 
 
 def load_parts() -> None:
