@@ -192,9 +192,31 @@ def test_budget_skips_settings_projected_to_overrun():
         ({"dtypes": ["fp8"]}, "dtypes must be a non-empty subset"),
         ({"routing_iters": [0]}, "routing_iters and routing_batch_size must be >= 1"),
         ({"compile": []}, "compile must list"),
+        ({"channels_last": []}, "channels_last must list"),
+        ({"compile_mode": "turbo"}, "compile_mode must be one of default, reduce-overhead"),
         ({"max_seconds": 0.0}, "max_seconds must be > 0"),
     ],
 )
 def test_bad_throughput_config_is_refused(values, match):
     with pytest.raises(CapsbenchError, match=match):
         from_dict(ThroughputConfig, values, where="throughput")
+
+
+def test_compile_mode_and_channels_last_are_settings_of_the_sweep(monkeypatch):
+    seen = []
+
+    def recording_compile(fn, **options):  # "compiles" to the function itself, recording the options
+        seen.append(options)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    ctx = tiny_context()
+    cfg = small_cfg(compile=[True], compile_mode="max-autotune", channels_last=[False, True], modes=["train"],
+                    routing_iters=[1])  # fmt: skip
+    df = run_throughput(ctx, cfg).tables["throughput"]
+    assert len(df) == 2 * 2 * 2  # models x batch sizes x channels_last
+    assert df["compile"].all() and (df.compile_mode == "max-autotune").all() and (df.compile_s > 0).all()
+    assert df.groupby(["model", "batch_size"]).channels_last.nunique().eq(2).all()
+    assert seen and all(o == {"mode": "max-autotune"} for o in seen)
+    for tm in ctx.models.values():  # the sweep converted copies, never the run's models
+        assert all(p.is_contiguous() for p in tm.model.parameters())

@@ -115,9 +115,16 @@ def _separable(t_x: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return s1, torch.stack(s2)
 
 
-@lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def transforms(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """transforms64(n) on ``device`` in ``dtype``, converted once per (n, device, dtype)."""
+    """transforms64(n) on ``device`` in ``dtype``, converted once per (n, device, dtype). Under
+    torch.compile the result is a constant of the graph: the construction (lstsq, Python loops)
+    is never traced, and a cached function would be traced through its cache."""
+    return _converted(n, device, dtype)
+
+
+@lru_cache(maxsize=None)
+def _converted(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(t.to(device=device, dtype=dtype) for t in transforms64(n))  # type: ignore[return-value]
 
 

@@ -23,12 +23,13 @@ from matplotlib.ticker import NullLocator
 from tqdm.auto import tqdm
 
 from capsbench.allocator import cpu_allocator_tuned
-from capsbench.device import autocast, describe
+from capsbench.device import describe
 from capsbench.errors import CapsbenchError
 from capsbench.models import BenchModel, CapsNet, CapsNetConfig, build_model
 from capsbench.suites.base import PARTS, Check, PartResult, RunContext
 from capsbench.summary import markdown_table
 from capsbench.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
+from capsbench.train.step import InferStep, StepOptions, TrainStep, check_compile_mode
 
 MODES = ("train", "inference")
 DTYPES = ("auto", "fp32", "bf16")
@@ -49,7 +50,9 @@ class ThroughputConfig:
     routing_iters: list[int] = field(default_factory=lambda: [1, 2, 3, 5])  # CapsNet cost vs iterations
     routing_batch_size: int = 128  # the one batch size of the routing sweep
     dtypes: list[str] = field(default_factory=lambda: ["auto"])  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    compile: list[bool] = field(default_factory=lambda: [False])  # torch.compile the forward
+    compile: list[bool] = field(default_factory=lambda: [False])  # torch.compile forward + loss
+    compile_mode: str = "default"  # inductor mode of the compiled settings (reduce-overhead: CUDA graphs)
+    channels_last: list[bool] = field(default_factory=lambda: [False])  # NHWC convolutions
     max_seconds: float = 60.0  # per model and sweep: larger batch sizes are skipped once spent
 
     def validate(self, where: str) -> None:
@@ -66,8 +69,10 @@ class ThroughputConfig:
                                  f"got {self.routing_iters} and {self.routing_batch_size}")  # fmt: skip
         if not self.dtypes or set(self.dtypes) - set(DTYPES):
             raise CapsbenchError(f"{where}.dtypes must be a non-empty subset of {list(DTYPES)}, got {self.dtypes}")
-        if not self.compile:
-            raise CapsbenchError(f"{where}.compile must list at least one of false, true")
+        for key in ("compile", "channels_last"):
+            if not getattr(self, key):
+                raise CapsbenchError(f"{where}.{key} must list at least one of false, true")
+        check_compile_mode(self.compile_mode, f"{where}.compile_mode")
         if not self.max_seconds > 0:
             raise CapsbenchError(f"{where}.max_seconds must be > 0, got {self.max_seconds}")
 
@@ -89,35 +94,24 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def make_step(model: BenchModel, mode: str, batch: int, device: torch.device, dtype: torch.dtype | None,
-              compiled: bool, seed: int) -> Callable[[], None]:  # fmt: skip
-    """One training step (forward, objective, backward, Adam) or one no-grad forward, as a closure
-    over random inputs already on the device. It runs a copy: the given weights are never touched."""
+def make_step(model: BenchModel, mode: str, batch: int, options: StepOptions,
+              seed: int) -> tuple[Callable[[], None], TrainStep | InferStep]:  # fmt: skip
+    """One training step (forward, objective, backward, Adam: the Trainer's TrainStep) or one
+    no-grad forward, as a closure over random inputs already on the device, and the step object
+    (which says whether it really ran compiled). It runs a copy: the given weights are never touched."""
+    device = options.device
     gen = torch.Generator(device=device).manual_seed(seed)
     S = model.input_size
     x = torch.rand(batch, 1, S, S, device=device, generator=gen)  # (B, 1, S, S) in [0, 1], resident
     y = torch.randint(0, model.num_classes, (batch,), device=device, generator=gen)  # (B,)
     m = copy.deepcopy(model).train(mode == "train")
-    if compiled:
+    if options.compile:
         torch._dynamo.reset()  # a fresh compile per setting: no recompile limit, honest compile_s
-    fwd = torch.compile(m) if compiled else m
     if mode == "inference":
-
-        def infer() -> None:
-            with torch.no_grad(), autocast(device, dtype):
-                fwd(x)
-
-        return infer
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=device.type == "cuda")
-
-    def train() -> None:
-        with autocast(device, dtype):
-            loss = m.objective(fwd(x, y), x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return train
+        infer = InferStep(m, options)
+        return lambda: infer(x), infer
+    step = TrainStep(m, torch.optim.Adam(m.parameters(), lr=1e-3, fused=device.type == "cuda"), options)
+    return lambda: step(x, y), step
 
 
 def timed_steps(fn: Callable[[], None], compiled: bool, cfg: ThroughputConfig,
@@ -133,12 +127,18 @@ def timed_steps(fn: Callable[[], None], compiled: bool, cfg: ThroughputConfig,
     return time_fn(fn, cfg.warmup, cfg.repeats, device), compile_s
 
 
-def measure(model: BenchModel, mode: str, batch: int, device: torch.device, dtype: torch.dtype | None,
-            compiled: bool, cfg: ThroughputConfig, seed: int) -> dict[str, float] | None:  # fmt: skip
+class CompileFailed(Exception):
+    """torch.compile failed for a setting (the step fell back to eager)."""
+
+
+def measure(model: BenchModel, mode: str, batch: int, options: StepOptions, cfg: ThroughputConfig,
+            seed: int) -> dict[str, float] | None:  # fmt: skip
     """Median/IQR step time, images/s, peak memory and compile time of one setting; None on OOM."""
+    device = options.device
     baseline = reset_peak_memory(device)
     try:
-        times, compile_s = timed_steps(make_step(model, mode, batch, device, dtype, compiled, seed), compiled, cfg, device)
+        fn, step = make_step(model, mode, batch, options, seed)
+        times, compile_s = timed_steps(fn, options.compile, cfg, device)
     except RuntimeError as e:
         if not is_oom(e):
             raise
@@ -147,6 +147,8 @@ def measure(model: BenchModel, mode: str, batch: int, device: torch.device, dtyp
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return None
+    if options.compile and not step.compiled:  # CompileOrEager fell back: these were eager steps
+        raise CompileFailed(step.failure)
     s = summarize(times)
     return {"samples_per_sec": batch / s["median"], "step_ms_median": 1e3 * s["median"], "step_ms_iqr": 1e3 * s["iqr"],
             "peak_mem_mb": peak_memory_mb(device, baseline), "compile_s": compile_s}  # fmt: skip
@@ -193,36 +195,39 @@ class Budget:
 
 def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputConfig,
                 info: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:  # fmt: skip
-    """All (batch size, dtype, compile, mode) settings of one model, smallest batches first, so
-    the time budget cuts the largest ones."""
+    """All (batch size, dtype, channels_last, compile, mode) settings of one model, smallest
+    batches first, so the time budget cuts the largest ones."""
     S = model.input_size
     static = {"params": model.num_params(), "repeats": cfg.repeats, "seed": ctx.seed,
               "macs_per_sample": count_macs(nominal(model), torch.rand(2, 1, S, S, device=ctx.device)) // 2,
               "routing_iters": routing_iters_of(model) or math.nan, **info}  # fmt: skip
-    settings = list(itertools.product(sorted(set(cfg.batch_sizes)), cfg.dtypes, cfg.compile, cfg.modes))
+    settings = list(itertools.product(sorted(set(cfg.batch_sizes)), cfg.dtypes, cfg.channels_last, cfg.compile,
+                                      cfg.modes))  # fmt: skip
     budget = Budget(cfg.max_seconds, cfg.warmup + cfg.repeats)
     rows, skipped, oom, compile_failed = [], [], [], False
-    for batch, dname, compiled, mode in tqdm(settings, desc=f"throughput {name}", disable=not ctx.progress,
-                                             file=sys.stderr, dynamic_ncols=True):  # fmt: skip
+    for batch, dname, nhwc, compiled, mode in tqdm(settings, desc=f"throughput {name}", disable=not ctx.progress,
+                                                   file=sys.stderr, dynamic_ncols=True):  # fmt: skip
         if compiled and compile_failed and False in cfg.compile:
             continue  # compile failed before: this setting's eager row is measured anyway
         compiled = compiled and not compile_failed
-        if not budget.allows((dname, compiled, mode), batch):
+        key = (dname, nhwc, compiled, mode)
+        if not budget.allows(key, batch):
             skipped.append(f"{mode} {batch}")
             continue
-        r, failure = measure_setting(model, mode, batch, ctx, cfg, dname, compiled)
+        r, failure = measure_setting(model, mode, batch, ctx, cfg, dname, compiled, nhwc)
         if failure:
             notes.append(f"{name}: torch.compile failed ({failure}); its rows are eager measurements (compile=False)")
-            compile_failed, compiled = True, False
+            compile_failed, compiled, key = True, False, (dname, nhwc, False, mode)
             if False in cfg.compile:
                 continue
-            r, _ = measure_setting(model, mode, batch, ctx, cfg, dname, False)
+            r, _ = measure_setting(model, mode, batch, ctx, cfg, dname, False, nhwc)
         if r is None:
             oom.append(f"{mode} {batch}")
             continue
-        budget.record((dname, compiled, mode), batch, r["step_ms_median"])
-        dtype = dtype_label(resolve_dtype(dname, ctx.device))
-        rows.append({**static, **r, "model": name, "mode": mode, "dtype": dtype, "batch_size": batch, "compile": compiled})
+        budget.record(key, batch, r["step_ms_median"])
+        rows.append({**static, **r, "model": name, "mode": mode, "dtype": dtype_label(resolve_dtype(dname, ctx.device)),
+                     "batch_size": batch, "compile": compiled, "compile_mode": cfg.compile_mode if compiled else "",
+                     "channels_last": nhwc})  # fmt: skip
     if skipped:
         notes.append(f"{name}: skipped (max_seconds = {cfg.max_seconds:g} spent or projected to overrun): {', '.join(skipped)}")
     if oom:
@@ -231,17 +236,21 @@ def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputCo
 
 
 COLUMNS = ["model", "mode", "device", "dtype", "batch_size", "samples_per_sec", "step_ms_median", "step_ms_iqr",
-           "peak_mem_mb", "params", "macs_per_sample", "compile", "compile_s", "routing_iters", "repeats", "seed",
+           "peak_mem_mb", "params", "macs_per_sample", "compile", "compile_mode", "compile_s", "channels_last",
+           "routing_iters", "repeats", "seed",
            "device_name", "cpu_count", "torch_version", "cuda_version"]  # fmt: skip
 ROUTING_COLUMNS = ["model", "routing_iters", "mode", "batch_size", "samples_per_sec", "step_ms_median", "step_ms_iqr",
                    "dtype", "device", "seed"]  # fmt: skip
 
 
 def measure_setting(model: BenchModel, mode: str, batch: int, ctx: RunContext, cfg: ThroughputConfig, dname: str,
-                    compiled: bool) -> tuple[dict[str, float] | None, str]:  # fmt: skip
+                    compiled: bool, channels_last: bool) -> tuple[dict[str, float] | None, str]:  # fmt: skip
     """(``measure``'s result, "") or, when torch.compile fails, (None, what failed)."""
+    options = StepOptions(ctx.device, resolve_dtype(dname, ctx.device), compiled, cfg.compile_mode, channels_last)
     try:
-        return measure(model, mode, batch, ctx.device, resolve_dtype(dname, ctx.device), compiled, cfg, ctx.seed), ""
+        return measure(model, mode, batch, options, cfg, ctx.seed), ""
+    except CompileFailed as e:
+        return None, str(e)
     except Exception as e:  # compile is optional; errors in eager mode are bugs and propagate
         if not compiled:
             raise
@@ -266,7 +275,8 @@ def routing_sweep(name: str, tm: Any, ctx: RunContext, cfg: ThroughputConfig, no
                       file=sys.stderr, dynamic_ncols=True):  # fmt: skip
         variant = with_routing_iters(name, tm, iters, ctx.device)
         for mode in cfg.modes:
-            r = measure(variant, mode, batch, ctx.device, dtype, False, cfg, ctx.seed) if budget.allows(mode, batch) else None
+            options = StepOptions(ctx.device, dtype)
+            r = measure(variant, mode, batch, options, cfg, ctx.seed) if budget.allows(mode, batch) else None
             if r is None:
                 skipped.append(f"{mode} x{iters}")
                 continue
@@ -325,6 +335,8 @@ def series_label(df: pd.DataFrame) -> pd.Series:
         label = label + " " + df["dtype"]
     if df["compile"].nunique() > 1:
         label = label + df["compile"].map({True: " compiled", False: " eager"})
+    if df["channels_last"].nunique() > 1:
+        label = label + df["channels_last"].map({True: " NHWC", False: ""})
     return label
 
 
@@ -367,9 +379,11 @@ def routing_figure(df: pd.DataFrame, device_name: str) -> Figure:
 def best_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per model/mode/dtype/compile: best images/s and its batch, the batch-128 numbers, cost."""
     out = []
-    for (model, mode, dtype, compiled), g in df.groupby(["model", "mode", "dtype", "compile"], sort=False):
+    keys = ["model", "mode", "dtype", "compile", "channels_last"]
+    for (model, mode, dtype, compiled, nhwc), g in df.groupby(keys, sort=False):
         best, at128 = g.loc[g.samples_per_sec.idxmax()], g[g.batch_size == 128]
-        row = {"model": model, "mode": mode, "dtype": dtype, "compile": compiled,
+        row = {"model": model, "mode": mode, "dtype": dtype, "compile": best.compile_mode if compiled else "off",
+               "channels_last": nhwc,
                "best images/s": f"{best.samples_per_sec:,.0f} (batch {best.batch_size})",
                "images/s at batch 128": f"{at128.samples_per_sec.iloc[0]:,.0f}" if len(at128) else "not measured",
                "ms/step at 128 (IQR)": f"{at128.step_ms_median.iloc[0]:.2f} ({at128.step_ms_iqr.iloc[0]:.2f})" if len(at128) else "-",
@@ -397,11 +411,13 @@ def summary(df: pd.DataFrame, routing: pd.DataFrame, info: dict[str, Any], cfg: 
     dtypes = ", ".join(sorted(set(df.dtype))) if not df.empty else "-"
     out = ["## Throughput", "",
            f"Device: {info['device_name']}; {info['cpu_count']} CPU cores, {torch.get_num_threads()} torch threads; "
-           f"torch {info['torch_version']}{cuda}. Autocast dtype: {dtypes}; torch.compile: {cfg.compile}; CPU allocator: "
+           f"torch {info['torch_version']}{cuda}. Autocast dtype: {dtypes}; torch.compile: {cfg.compile} (mode "
+           f"{cfg.compile_mode}); channels_last: {cfg.channels_last}; CPU allocator: "
            f"{'tuned (freed memory kept mapped)' if cpu_allocator_tuned() else 'default'}.", "",
            f"Protocol: random inputs resident on the device; train = forward, the model's own loss, backward and an "
-           f"Adam step on a copy of the model (trained weights untouched); inference = eval-mode forward without "
-           f"gradients. Warm-up steps: {cfg.warmup}; then the median (and IQR) of {cfg.repeats} timed steps, each "
+           f"Adam step on a copy of the model (trained weights untouched), the training loop's own step; inference = "
+           f"eval-mode forward without gradients. A compiled setting compiles forward and loss as one graph; its "
+           f"first call (the compile) is timed apart as compile_s. Warm-up steps: {cfg.warmup}; then the median (and IQR) of {cfg.repeats} timed steps, each "
            f"ended by a device synchronization; images/s = batch / median. Peak memory (CUDA only; NaN on the CPU) "
            f"is the peak allocated during a setting above what was already allocated. MACs count matrix products "
            f"and convolutions of one forward (not elementwise work such as squash, softmax, pooling), as the paper's "

@@ -34,7 +34,8 @@ from capsbench.suites.base import PARTS, Check, PartResult, RunContext
 from capsbench.summary import markdown_table
 from capsbench.timing import synchronize
 from capsbench.train.config import TrainConfig
-from capsbench.train.loop import CompileOrEager, Trainer, evaluate, test_inputs
+from capsbench.train.loop import Trainer, evaluate, test_inputs
+from capsbench.train.step import check_compile_mode
 
 SCHEDULES = ("onecycle", "paper")
 PAPER = TrainConfig()  # the paper's decay: x0.96 every 2000 steps, continuously
@@ -60,7 +61,9 @@ class TimeToAccuracyConfig:
     augment: str = "shift"  # shift: the paper's random shifts of up to max_shift px; none
     max_shift: int = 2
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU), bf16, off
-    compile: bool = False  # torch.compile the forward (falls back to eager with a notice)
+    compile: bool = False  # torch.compile forward + loss (falls back to eager with a notice)
+    compile_mode: str = "default"  # inductor mode (reduce-overhead / max-autotune: CUDA graphs on a GPU)
+    channels_last: bool = False  # NHWC convolutions
     prewarm_steps: int = 3  # untimed warm-up steps before the first repeat (0 = none)
     repeats: int = 1  # runs with seeds seed, seed + 1, ...; the summary reports the median
 
@@ -88,12 +91,14 @@ class TimeToAccuracyConfig:
             raise CapsbenchError(f"{where}.augment must be shift or none (28x28 MNIST), got {self.augment!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise CapsbenchError(f"{where}.amp must be auto, bf16 or off, got {self.amp!r}")
+        check_compile_mode(self.compile_mode, f"{where}.compile_mode")
 
     def train_config(self, seed: int) -> TrainConfig:
         """The Trainer's view of this config (its own lr schedule is replaced by ``lr_factor``)."""
         return TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
                            augment=self.augment, max_shift=self.max_shift, train_subset=self.train_n,
-                           test_subset=self.test_n, amp=self.amp, compile=self.compile, description="tta")  # fmt: skip
+                           test_subset=self.test_n, amp=self.amp, compile=self.compile, compile_mode=self.compile_mode,
+                           channels_last=self.channels_last, description="tta")  # fmt: skip
 
 
 # ---- schedule ------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ def reset(tr: Trainer, cfg: TimeToAccuracyConfig, options: dict[str, Any], seed:
     torch.manual_seed(seed)  # initial weights (and dropout, for models that have it)
     tr.model.load_state_dict(build_model(cfg.model, **options).state_dict())
     tr.model.train()
-    tr.opt, tr.sched = make_optimizer(tr.model, cfg, tr.device)
+    tr.set_optimizer(*make_optimizer(tr.model, cfg, tr.device))
     tr.gen.manual_seed(seed)
 
 
@@ -249,7 +254,7 @@ def run_tta(ctx: RunContext, cfg: TimeToAccuracyConfig) -> PartResult:
         reset(tr, cfg, options, seed)
         rows = timed_run(tr, cfg, seed, f"tta {cfg.model} seed {seed}", ctx.progress)
         # after the run: a compile that failed on its first call fell back to eager
-        info["compiled"] = isinstance(tr.forward, CompileOrEager) and tr.forward.compiled is not None
+        info["compiled"] = tr.step_fn.compiled
         curve += [{"repeat": i, "seed": seed, **r} for r in rows]
         results.append(result_row(rows, cfg, info, seed, i))
         print(f"  tta {outcome(results[-1])}", file=sys.stderr)

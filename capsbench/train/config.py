@@ -9,6 +9,7 @@ from typing import Any
 
 from capsbench.config import from_dict
 from capsbench.errors import CapsbenchError
+from capsbench.train.step import check_compile_mode
 
 AUGMENTS = ("shift", "canvas", "none")
 
@@ -31,7 +32,9 @@ class TrainConfig:
     log_every: int = 50  # steps between host reads of loss/accuracy (the only syncs)
     checkpoint_every: int = 1000
     amp: str = "auto"  # auto (bf16 on CUDA), bf16, off
-    compile: bool = False
+    compile: bool = False  # torch.compile forward + loss (falls back to eager with a notice)
+    compile_mode: str = "default"  # inductor mode; reduce-overhead / max-autotune add CUDA graphs on a GPU
+    channels_last: bool = False  # NHWC convolution weights and inputs (cuDNN's tensor-core layout)
     description: str = ""
 
     def validate(self, where: str = "train") -> None:
@@ -49,6 +52,7 @@ class TrainConfig:
             raise CapsbenchError(f"{where}.canvas must be >= 28 (the digit is 28x28), got {self.canvas}")
         if self.amp not in ("auto", "bf16", "off"):
             raise CapsbenchError(f"{where}.amp must be auto, bf16 or off, got {self.amp!r}")
+        check_compile_mode(self.compile_mode, f"{where}.compile_mode")
 
     @property
     def input_size(self) -> int:
@@ -57,7 +61,8 @@ class TrainConfig:
     def weight_key(self) -> dict[str, Any]:
         """The fields that determine the trained weights (logging and checkpoint cadence do not)."""
         d = asdict(self)
-        for k in ("log_every", "checkpoint_every", "test_subset", "compile", "description"):
+        for k in ("log_every", "checkpoint_every", "test_subset", "compile", "compile_mode", "channels_last",
+                  "description"):  # fmt: skip
             d.pop(k)
         return d
 

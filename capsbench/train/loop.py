@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from capsbench.data import augment
@@ -23,6 +23,7 @@ from capsbench.models import BenchModel, predict
 from capsbench.models.base import eval_mode
 from capsbench.train import checkpoint
 from capsbench.train.config import TrainConfig
+from capsbench.train.step import StepOptions, TrainStep
 
 
 def train_inputs(cfg: TrainConfig, x_u8: Tensor, gen: torch.Generator) -> Tensor:
@@ -81,41 +82,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class CompileOrEager:
-    """``torch.compile(module)`` that falls back to eager, with one notice, if compiling fails.
-
-    torch.compile is lazy: a missing C compiler or an unsupported op shows up on the first call,
-    not when compile() returns. The first failure switches this wrapper to eager for good.
-    """
-
-    def __init__(self, module: nn.Module, **options: Any) -> None:
-        self.module = module
-        try:
-            self.compiled: Callable | None = torch.compile(module, **options)
-        except Exception as e:  # noqa: BLE001 - compile is optional
-            self._fallback(e)
-
-    def _fallback(self, e: BaseException) -> None:
-        self.compiled = None
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        print(f"notice: torch.compile unavailable here ({type(e).__name__}: {first}); running eagerly", file=sys.stderr)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except CapsbenchError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a real bug fails again, eagerly, below
-                self._fallback(e)
-        return self.module(*args, **kwargs)
-
-
-def maybe_compile(model: BenchModel, enabled: bool) -> Callable:
-    """``torch.compile`` the forward when asked; fall back to eager with one notice."""
-    return CompileOrEager(model) if enabled else model
-
-
 class Trainer:
     """Trains one model on MNIST tensors already on ``device``; resumes from ``ckpt_path``."""
 
@@ -138,7 +104,13 @@ class Trainer:
         self.opt, self.sched = make_optimizer(model, cfg, device)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.step, self.history, self.train_time = 0, [], 0.0
-        self.forward = maybe_compile(self.model, cfg.compile)
+        self.options = StepOptions(device, self.dtype, cfg.compile, cfg.compile_mode, cfg.channels_last)
+        self.step_fn = TrainStep(self.model, self.opt, self.options)
+
+    def set_optimizer(self, opt: torch.optim.Optimizer, sched: Any) -> None:
+        """Train with another optimizer and lr schedule from the next step on."""
+        self.opt, self.sched = opt, sched
+        self.step_fn.opt = opt
 
     def state(self) -> dict[str, Any]:
         return {
@@ -164,16 +136,9 @@ class Trainer:
 
     def train_step(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """One optimizer step; returns (loss, number correct) as device tensors (no sync)."""
-        x = train_inputs(self.cfg, self.train_x[idx], self.gen)
-        y = self.train_y[idx]
-        with autocast(self.device, self.dtype):
-            out = self.forward(x, y)
-            loss = self.model.objective(out, x, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        loss, correct = self.step_fn(train_inputs(self.cfg, self.train_x[idx], self.gen), self.train_y[idx])
         self.sched.step()
-        return loss.detach(), (predict(out) == y).sum()
+        return loss, correct
 
     def test_accuracy(self) -> tuple[float, int]:
         return evaluate(self.model, self.test_x, self.test_y, lambda xb: test_inputs(self.cfg, xb), dtype=self.dtype)
