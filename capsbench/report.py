@@ -106,7 +106,14 @@ def _speed(df: pd.DataFrame | None, model: str, mode: str) -> str:
     if rows.empty:
         return "–"
     best = rows.loc[rows.samples_per_sec.idxmax()]
-    return f"{best['samples_per_sec']:,.0f} (batch {int(best['batch_size'])}, {best['dtype']}, median of {int(best['repeats'])})"
+    how = [f"batch {int(best['batch_size'])}", str(best["dtype"])]
+    flag = lambda key: pd.notna(best.get(key)) and bool(best.get(key))  # noqa: E731 - a column older runs lack
+    if flag("compile"):
+        mode = best.get("compile_mode")
+        how.append(f"compiled {mode}" if isinstance(mode, str) and mode else "compiled")
+    if flag("channels_last"):
+        how.append("channels_last")
+    return f"{best['samples_per_sec']:,.0f} ({', '.join(how)}, median of {int(best['repeats'])})"
 
 
 def _params(run: Run, model: str) -> str:

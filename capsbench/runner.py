@@ -22,7 +22,7 @@ from capsbench import atomic
 from capsbench.config import deep_merge, from_dict, parse_sets, to_toml
 from capsbench.device import amp_dtype, describe, resolve_device
 from capsbench.errors import CapsbenchError
-from capsbench.suites.base import PARTS, Check, PartResult, RunContext
+from capsbench.suites.base import PARTS, PartResult, RunContext
 from capsbench.train.config import TrainConfig, train_config
 
 TOP_KEYS = {"description", "models", "parts", "seed", "test_n", "train", "model", "preset"}

@@ -25,7 +25,7 @@ from torch import nn
 
 from capsbench.config import from_dict
 from capsbench.errors import CapsbenchError
-from capsbench.models import build_model
+from capsbench.models import MODELS, build_model
 from capsbench.train.config import TrainConfig
 from capsbench.train.step import CompileOrEager, InferStep, StepOptions, TrainStep, to_channels_last
 
@@ -137,6 +137,21 @@ def test_compiled_cpu_fast_paths_match_eager_exactly_enough():
     assert step.compiled
     torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=0)
     assert_grads_close(grads_c, grads, 1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_forward_and_loss_capture_as_one_graph(name):
+    """No graph breaks in any registered model's GPU formulation under bf16 autocast: the whole
+    forward + loss is one graph, which CUDA graphs can replay as one launch."""
+    options = GPU_FORM if name == "capsnet" else {}
+    torch.manual_seed(0)
+    model = build_model(name, **options)
+    step = TrainStep(model, torch.optim.Adam(model.parameters()), StepOptions(CPU))
+    graph = torch.compile(step.forward_loss, fullgraph=True, backend="aot_eager")  # raises on a graph break
+    x, y = batch(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, out = graph(x, y)
+    assert loss.isfinite() and out.scores.shape == (2, 10)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,3 +221,18 @@ def test_compile_mode_and_channels_last_are_settings_of_the_sweep(monkeypatch):
     assert seen and all(o == {"mode": "max-autotune"} for o in seen)
     for tm in ctx.models.values():  # the sweep converted copies, never the run's models
         assert all(p.is_contiguous() for p in tm.model.parameters())
+
+
+def test_report_names_how_the_best_speed_was_measured():
+    from capsbench.report import _speed
+
+    base = {"model": "m", "mode": "train", "dtype": "bf16", "repeats": 20}
+    df = pd.DataFrame([{**base, "batch_size": 128, "samples_per_sec": 10.0, "compile": False, "compile_mode": None,
+                        "channels_last": False},
+                       {**base, "batch_size": 512, "samples_per_sec": 99.0, "compile": True,
+                        "compile_mode": "reduce-overhead", "channels_last": True}])  # fmt: skip
+    assert _speed(df, "m", "train") == "99 (batch 512, bf16, compiled reduce-overhead, channels_last, median of 20)"
+    old = df.drop(columns=["compile_mode", "channels_last"])  # a run from before these columns
+    assert _speed(old, "m", "train") == "99 (batch 512, bf16, compiled, median of 20)"
+    assert _speed(df.iloc[:1], "m", "train") == "10 (batch 128, bf16, median of 20)"
+    assert _speed(df, "m", "inference") == "–"

@@ -104,9 +104,7 @@ def make_step(model: BenchModel, mode: str, batch: int, options: StepOptions,
     S = model.input_size
     x = torch.rand(batch, 1, S, S, device=device, generator=gen)  # (B, 1, S, S) in [0, 1], resident
     y = torch.randint(0, model.num_classes, (batch,), device=device, generator=gen)  # (B,)
-    m = copy.deepcopy(model).train(mode == "train")
-    if options.compile:
-        torch._dynamo.reset()  # a fresh compile per setting: no recompile limit, honest compile_s
+    m = copy.deepcopy(model).train(mode == "train")  # a compiled step compiles afresh: an honest compile_s
     if mode == "inference":
         infer = InferStep(m, options)
         return lambda: infer(x), infer

@@ -231,8 +231,6 @@ def make_trainer(ctx: RunContext, cfg: TimeToAccuracyConfig) -> tuple[Trainer, d
     """The Trainer (data moved to the device once, for every repeat) and the model options."""
     tm = ctx.models.get(cfg.model)
     options = model_options(cfg.model, **{**((tm.meta.get("options") or {}) if tm else {}), "input_size": 28})
-    if cfg.compile:
-        torch._dynamo.reset()  # a fresh compile: an honest compile_s, no recompile limit left by other parts
     torch.manual_seed(ctx.seed)
     tr = Trainer(build_model(cfg.model, **options), cfg.train_config(ctx.seed), ctx.data, ctx.device,
                  progress=False, label=f"tta {cfg.model}")  # fmt: skip

@@ -56,7 +56,7 @@ class CompileOrEager:
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
-            except (CapsbenchError, torch.OutOfMemoryError):
+            except (CapsbenchError, torch.cuda.OutOfMemoryError):
                 raise  # not a compile failure: eager would fail the same way
             except Exception as e:  # noqa: BLE001 - a real bug fails again, eagerly, below
                 self._fallback(e)
@@ -99,7 +99,13 @@ class StepOptions:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def wrap(self, fn: Callable) -> Callable:
-        return CompileOrEager(fn, **compile_options(self.compile_mode, self.backend)) if self.compile else fn
+        """``fn`` compiled when asked. Each compiled step starts from a reset dynamo: all steps
+        share one code object, and past dynamo's per-function recompile limit (8: models,
+        options, dtypes) a new one would silently run eagerly. Steps are built one at a time."""
+        if not self.compile:
+            return fn
+        torch._dynamo.reset()
+        return CompileOrEager(fn, **compile_options(self.compile_mode, self.backend))
 
     def begin(self) -> None:
         """Tell CUDA-graph trees a new step starts: the last step's outputs may now be reused."""
