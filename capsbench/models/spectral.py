@@ -55,15 +55,11 @@ def row_plan(n: int) -> list[list[tuple[int, int, str]]]:
     (Gauss's three products of a complex frequency), "re" (a real, self-conjugate frequency:
     one product) or "zero" (padding, so every block has the same size). Block j < n/2 - 1
     holds column frequency k2 = j + 1 (all n k1); the last holds k2 = 0 and n/2 (k1 <= n/2)."""
-    blocks = []
-    for k2 in range(1, n // 2):
-        blocks.append([(k1, k2, kind) for k1 in range(n) for kind in ("k1", "k2", "k3")])
-    edge = []
-    for k2 in (0, n // 2):
-        for k1 in range(n // 2 + 1):
-            edge += [(k1, k2, "re")] if k1 in (0, n // 2) else [(k1, k2, kind) for kind in ("k1", "k2", "k3")]
-    blocks.append(edge + [(0, 0, "zero")] * (3 * n - len(edge)))
-    return blocks
+    by_column: dict[int, list[tuple[int, int, str]]] = {k2: [] for k2 in range(n // 2 + 1)}
+    for k1, k2, mult in frequencies(n):
+        by_column[k2] += [(k1, k2, "re")] if mult == 1 else [(k1, k2, kind) for kind in ("k1", "k2", "k3")]
+    edge = by_column[0] + by_column[n // 2]
+    return [by_column[k2] for k2 in range(1, n // 2)] + [edge + [(0, 0, "zero")] * (3 * n - len(edge))]
 
 
 @lru_cache(maxsize=None)

@@ -104,8 +104,8 @@ class Trainer:
         self.opt, self.sched = make_optimizer(model, cfg, device)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.step, self.history, self.train_time = 0, [], 0.0
-        self.options = StepOptions(device, self.dtype, cfg.compile, cfg.compile_mode, cfg.channels_last)
-        self.step_fn = TrainStep(self.model, self.opt, self.options)
+        options = StepOptions(device, self.dtype, cfg.compile, cfg.compile_mode, cfg.channels_last)
+        self.step_fn = TrainStep(self.model, self.opt, options)
 
     def set_optimizer(self, opt: torch.optim.Optimizer, sched: Any) -> None:
         """Train with another optimizer and lr schedule from the next step on."""

@@ -116,7 +116,11 @@ class StepOptions:
 class _Step:
     """A step's wrapped function ``fn``: the plain one, or a CompileOrEager around it."""
 
-    fn: Callable
+    def __init__(self, model: BenchModel, options: StepOptions, fn: Callable) -> None:
+        self.model, self.options = model, options
+        if options.channels_last:
+            to_channels_last(model)
+        self.fn = options.wrap(fn)
 
     @property
     def compiled(self) -> bool:
@@ -134,10 +138,8 @@ class TrainStep(_Step):
     the number of correct predictions as device tensors (no host sync)."""
 
     def __init__(self, model: BenchModel, opt: torch.optim.Optimizer, options: StepOptions) -> None:
-        self.model, self.opt, self.options = model, opt, options
-        if options.channels_last:
-            to_channels_last(model)
-        self.fn = options.wrap(self.forward_loss)
+        super().__init__(model, options, self.forward_loss)
+        self.opt = opt
 
     def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, ModelOutput]:
         out = self.model(x, y)
@@ -160,10 +162,7 @@ class InferStep(_Step):
     """An eval-mode forward without gradients (compiled when asked); returns the scores."""
 
     def __init__(self, model: BenchModel, options: StepOptions) -> None:
-        self.model, self.options = model, options
-        if options.channels_last:
-            to_channels_last(model)
-        self.fn = options.wrap(self.scores)
+        super().__init__(model, options, self.scores)
 
     def scores(self, x: Tensor) -> Tensor:
         return self.model(x).scores
