@@ -7,12 +7,17 @@ with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
-from capsbench.allocator import tune_cpu_allocator
-from capsbench.errors import CapsbenchError
+from capsbench.core.allocator import tune_cpu_allocator
+from capsbench.core.errors import CapsbenchError
+from capsbench.core.config import parse_sets
+from capsbench.core.device import describe, resolve_device
+from capsbench.core.registry import Registry
 
 
 def _common() -> argparse.ArgumentParser:
@@ -32,10 +37,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from capsbench import listing
-
-    rows = listing.LISTS.get(args.what)()
-    print(listing.format_table(rows))
+    print(format_table(LISTS.get(args.what)()))
     return 0
 
 
@@ -58,21 +60,142 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from capsbench import trainer_cli
+    from capsbench.models import MODELS
+    from capsbench.train.cache import get_trained, model_folder
+    from capsbench.train.config import default_preset, train_config
 
-    return trainer_cli.train_command(args)
+    MODELS.get(args.model)  # unknown model: clear error before anything else
+    device = resolve_device(args.device)
+    sets = parse_sets(args.set)
+    unknown = sorted(set(sets) - {"train", "model"})
+    if unknown or any(not isinstance(v, dict) for v in sets.values()):
+        raise CapsbenchError(f"--set keys must start with train. or model. (e.g. train.steps=500), got {unknown or list(sets)}")
+    overrides = dict(sets.get("train", {}))
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.compile:
+        overrides["compile"] = True
+    preset = args.preset or default_preset(device)
+    cfg = train_config(preset, **overrides)
+    options = sets.get("model", {})
+    print(f"train {args.model}: preset {preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
+          f"augment {cfg.augment}, seed {cfg.seed}, device {describe(device)}")  # fmt: skip
+    t0 = time.perf_counter()
+    tm = get_trained(args.model, cfg, device, options, root=args.data_dir, progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    m = tm.meta
+    how = "from the cache" if tm.cached else f"trained in {m['train_seconds']:.1f}s ({m['train_images_per_s']:.0f} img/s)"
+    print(f"{args.model}: test accuracy {m['test_accuracy']:.4f} (n={m['test_n']}), {how}; wall {wall:.1f}s")
+    print(model_folder(args.model, m["key"], args.data_dir))
+    return 0
+
+
+def parse_seeds(seed: int | None, seeds: str | None) -> tuple[int, ...]:
+    """``--seed 3`` or ``--seeds 0,1,2`` as a tuple of distinct ints (empty when neither)."""
+    if not seeds:
+        return () if seed is None else (seed,)
+    if seed is not None:
+        raise CapsbenchError("give either --seed or --seeds, not both")
+    try:
+        out = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise CapsbenchError(f"--seeds takes comma-separated integers such as 0,1,2, got {seeds!r}") from None
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise CapsbenchError(f"--seeds needs distinct integers >= 0, got {seeds!r}")
+    return out
+
+
+def names(text: str | None) -> tuple[str, ...]:
+    """'a, b,c' -> ('a', 'b', 'c')."""
+    return tuple(s.strip() for s in (text or "").split(",") if s.strip())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from capsbench import runner
+    from capsbench.runner import run
+    from capsbench.suite import RunRequest
 
-    return runner.run_command(args)
+    req = RunRequest(
+        suite=args.suite, preset=args.preset, seeds=parse_seeds(args.seed, args.seeds), claims=names(args.claims),
+        models=names(args.models), sets=tuple(args.set), out=args.out, device=args.device,
+        progress=not args.no_progress, data_dir=args.data_dir,
+    )  # fmt: skip
+    print(run(req))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from capsbench import report
+    from capsbench.report.document import write_report
+    from capsbench.report.folder import new_run_folder, read_run
 
-    return report.report_command(args)
+    for i, d in enumerate(args.runs):  # check every folder before creating the output folder
+        read_run(d, f"R{i + 1}")
+    folder = new_run_folder("reports", args.out)
+    md, page = write_report(args.runs, folder)
+    print(f"report: {md}\nself-contained page: {page}")
+    return 0
+
+
+# ---- list ----------------------------------------------------------------------------------
+
+LISTS: Registry[Callable[[], list[dict[str, Any]]]] = Registry("list")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table; the last column is left unpadded so long descriptions wrap naturally."""
+    if not rows:
+        return "(nothing)"
+    cols = list(rows[0])
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    fmt = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals[:-1], widths)) + "  " + vals[-1]  # noqa: E731
+    return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])
+
+
+@LISTS.register("models")
+def list_models() -> list[dict[str, Any]]:
+    from capsbench.models import MODELS, build_model
+
+    rows = []
+    for name in MODELS.names():
+        rows.append({
+            "model": name, "params (28x28)": f"{build_model(name).num_params():,}",
+            "description": MODELS.meta(name)["description"],
+        })  # fmt: skip
+    return rows
+
+
+@LISTS.register("presets")
+def list_presets() -> list[dict[str, Any]]:
+    from capsbench.train.config import load_presets, train_config
+
+    rows = []
+    for name, raw in load_presets().items():
+        cfg = train_config(name)
+        rows.append({"preset": name, "steps": cfg.steps, "batch": cfg.batch_size, "description": raw.get("description", "")})
+    return rows
+
+
+@LISTS.register("suites")
+def list_suites() -> list[dict[str, Any]]:
+    from capsbench.suite import known_suites, read_suite
+
+    rows = []
+    for name, path in known_suites().items():
+        raw = read_suite(path)
+        rows.append({"suite": name, "parts": ", ".join(raw.get("parts", [])), "description": raw.get("description", "")})
+    return rows
+
+
+@LISTS.register("claims")
+def list_claims() -> list[dict[str, Any]]:
+    from capsbench.report.claims import load_claims
+
+    rows = []
+    for c in load_claims().values():
+        value = "qualitative" if math.isnan(c.paper_value) else f"{c.paper_value:g} {c.unit}"
+        rows.append({"claim": c.id, "paper value": value, "tolerance rule": c.tolerance_rule,
+                     "source": c.source, "statement": c.statement})  # fmt: skip
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:

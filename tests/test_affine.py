@@ -13,14 +13,14 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from capsbench.affnist import load_affnist
-from capsbench.config import from_dict
-from capsbench.errors import CapsbenchError
+from capsbench.data.affnist import load_affnist
+from capsbench.core.config import from_dict
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, ModelOutput, build_model
-from capsbench.suites.affine import AffineConfig, check_translation, composite_uniforms, run_affine
-from capsbench.suites.base import PARTS, RunContext
+from capsbench.parts.affine import AffineConfig, check_translation, composite_uniforms, run_affine
+from capsbench.parts.base import PARTS, RunContext
 from capsbench.train.config import TrainConfig
-from capsbench.transforms import (
+from capsbench.data.transforms import (
     TRANSFORMS, affine_from_uniforms, affine_matrix, apply_affine, digit_boxes, random_affine, single_factor,
 )  # fmt: skip
 
@@ -328,7 +328,7 @@ COLUMNS = ["model", "transform", "value", "accuracy", "n", "seed", "correct",
 
 
 def test_affine_part_is_registered():
-    cfg_cls, fn = PARTS.get("affine")
+    cfg_cls, fn = PARTS.get("affine").config, PARTS.get("affine").run
     assert cfg_cls is AffineConfig and fn is run_affine
 
 

@@ -12,12 +12,12 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from capsbench.attacks import ATTACKS, PGD, Attack
-from capsbench.config import from_dict
-from capsbench.errors import CapsbenchError
+from capsbench.core.config import from_dict
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, build_model, count_correct
 from capsbench.models.cnn import CNNClassifier
-from capsbench.suites.adversarial import AdversarialConfig, example_eps, run_adversarial
-from capsbench.suites.base import PARTS, RunContext
+from capsbench.parts.adversarial import AdversarialConfig, example_eps, run_adversarial
+from capsbench.parts.base import PARTS, RunContext
 from capsbench.train.config import TrainConfig
 from tests.conftest import synthetic_digits
 
@@ -228,7 +228,8 @@ COLUMNS = ["model", "attack", "eps", "accuracy", "n", "source_model", "seed", "t
 def test_part_end_to_end(trained_cnn, trained_caps):
     ctx = fake_context({"capsnet": trained_caps, "cnn-tiny": trained_cnn})
     cfg = from_dict(AdversarialConfig, dict(n=40, pgd_n=24, eps=[0.0, 0.1, 0.3], pgd_steps=3, examples=3, batch_size=16), "adversarial")
-    assert PARTS.get("adversarial") == (AdversarialConfig, run_adversarial)
+    p = PARTS.get("adversarial")
+    assert (p.config, p.run) == (AdversarialConfig, run_adversarial)
     res = run_adversarial(ctx, cfg)
     df = res.tables["adversarial"]
     assert list(df.columns[: len(COLUMNS)]) == COLUMNS
@@ -289,7 +290,7 @@ def test_config_defaults_are_valid():
 
 
 def test_checks_fail_on_bad_numbers():
-    from capsbench.suites.adversarial import monotone_check, pgd_checks, sanity_checks
+    from capsbench.parts.adversarial import monotone_check, pgd_checks, sanity_checks
 
     def curve(attack, accs, n=200, source="m"):
         return pd.DataFrame({"model": "m", "attack": attack, "eps": [0.0, 0.1, 0.3], "accuracy": accs, "n": n,

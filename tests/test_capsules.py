@@ -13,11 +13,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from capsbench.config import from_dict
-from capsbench.errors import CapsbenchError
+from capsbench.core.config import from_dict
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, build_model
-from capsbench.suites.base import PARTS, RunContext
-from capsbench.suites.capsules import STEPS, CapsulesConfig, offsets, perturbations, run_capsules
+from capsbench.parts.base import PARTS, RunContext
+from capsbench.parts.capsules import STEPS, CapsulesConfig, offsets, perturbations, run_capsules
 from capsbench.train.config import TrainConfig
 
 TINY_CAPS = dict(conv_channels=16, primary_types=4, decoder_hidden=(32, 64))
@@ -55,7 +55,8 @@ def small_cfg(**over) -> CapsulesConfig:
 
 def test_part_end_to_end(capsnet, fake_mnist):
     ctx = context({"capsnet": capsnet, "cnn-pooled": seeded("cnn-pooled")}, fake_mnist.test_x[:12], WRONG)
-    assert PARTS.get("capsules") == (CapsulesConfig, run_capsules)
+    p = PARTS.get("capsules")
+    assert (p.config, p.run) == (CapsulesConfig, run_capsules)
     res = run_capsules(ctx, small_cfg())
     assert set(res.figures) == {f"capsules_{f}_capsnet" for f in ("reconstructions", "perturbation", "routing")}
     assert all(isinstance(f, Figure) for f in res.figures.values())

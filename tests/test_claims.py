@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from capsbench.claims import VERDICTS, load_claims, select, verdict
+from capsbench.report.claims import VERDICTS, load_claims, select, verdict
 from capsbench.cli import main
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import build_model
-from capsbench.stats import seed_summary, t_quantile_975
+from capsbench.report.stats import seed_summary, t_quantile_975
 from capsbench.train.config import TrainConfig
 
 REQUIRED = {
@@ -118,7 +118,7 @@ def test_list_claims_command(capsys):
 
 def test_newcombe_and_wilson_against_published_values():
     """Newcombe (1998): 81/263 -> Wilson [0.2553, 0.3662]; 56/70 - 48/80 -> method 10 [0.0524, 0.3339]."""
-    from capsbench.stats import newcombe_interval, wilson_interval
+    from capsbench.report.stats import newcombe_interval, wilson_interval
 
     assert wilson_interval(81, 263) == (pytest.approx(0.2553, abs=1e-4), pytest.approx(0.3662, abs=1e-4))
     assert newcombe_interval(56, 70, 48, 80) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))
@@ -132,8 +132,8 @@ def _adv(rows):
 
 
 def test_measure_difference_claim_one_seed_and_several():
-    from capsbench.claims import claim_row, measure
-    from capsbench.stats import newcombe_interval
+    from capsbench.report.claims import claim_row, measure
+    from capsbench.report.stats import newcombe_interval
 
     claim = load_claims()["adversarial-fgsm"]
     one = _adv([["capsnet", "capsnet", "fgsm", 0.1, 0.8, 1000, 800, 0],
@@ -155,7 +155,7 @@ def test_measure_difference_claim_one_seed_and_several():
 def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():
     import pandas as pd
 
-    from capsbench.claims import claim_row
+    from capsbench.report.claims import claim_row
 
     claims = load_claims()
     row = claim_row(claims["multimnist-error"], {}, "full")
@@ -176,7 +176,7 @@ def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():
 def test_a_model_that_did_not_train_makes_its_claim_inconclusive():
     import pandas as pd
 
-    from capsbench.claims import claim_row
+    from capsbench.report.claims import claim_row
 
     claims = load_claims()
     rows = [{"claim": "mnist-error-baseline", "model": "cnn-paper", "accuracy": a, "error": 1 - a, "n": 2000,

@@ -6,8 +6,8 @@ import tomllib
 
 import pytest
 
-from capsbench.config import deep_merge, from_dict, parse_sets, to_toml
-from capsbench.errors import CapsbenchError
+from capsbench.core.config import deep_merge, from_dict, parse_sets, to_toml
+from capsbench.core.errors import CapsbenchError
 from capsbench.train.config import TrainConfig, load_presets, train_config
 
 

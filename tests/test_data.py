@@ -15,7 +15,7 @@ import torch
 from capsbench.data import augment, load_mnist
 from capsbench.data import mnist as mn
 from capsbench.data.safe_pickle import safe_load_numpy_pickle
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 
 
 def idx_bytes(t: torch.Tensor) -> bytes:

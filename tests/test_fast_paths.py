@@ -223,7 +223,7 @@ def test_bad_fast_path_options_are_refused(options, message):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_allocator_tuning_is_on_by_default_and_can_be_turned_off():
-    code = ("from capsbench.allocator import tune_cpu_allocator, cpu_allocator_tuned; "
+    code = ("from capsbench.core.allocator import tune_cpu_allocator, cpu_allocator_tuned; "
             "print(tune_cpu_allocator(), cpu_allocator_tuned())")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "CAPSBENCH_CPU_ALLOCATOR"}
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

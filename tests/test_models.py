@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import MODELS, build_model, dynamic_routing, squash
 
 # A CapsNet with the paper's structure but small widths, so property tests take milliseconds.

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from capsbench.config import from_dict
+from capsbench.core.config import from_dict
 from capsbench.data.multimnist import multimnist
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, ModelOutput, build_model
-from capsbench.suites import multimnist as mm
-from capsbench.suites.base import PARTS, RunContext
+from capsbench.parts import multimnist as mm
+from capsbench.parts.base import PARTS, RunContext
 from capsbench.train.config import TrainConfig
 from tests.conftest import synthetic_digits
 
@@ -106,7 +106,8 @@ def test_generator_layers_combine_to_the_image(combine):
 
 
 def test_part_end_to_end_then_from_cache(fake_mnist, tmp_path):
-    assert PARTS.get("multimnist") == (mm.MultiMNISTConfig, mm.run_multimnist)
+    p = PARTS.get("multimnist")
+    assert (p.config, p.run) == (mm.MultiMNISTConfig, mm.run_multimnist)
     ctx = context(fake_mnist, tmp_path, {"capsnet": TINY_CAPS, "cnn-pooled": {}})
     res = mm.run_multimnist(ctx, small_cfg())
     df = res.tables["multimnist"]

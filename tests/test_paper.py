@@ -9,7 +9,7 @@ import tomllib
 import pandas as pd
 import pytest
 
-from capsbench.claims import VERDICTS, load_claims
+from capsbench.report.claims import VERDICTS, load_claims
 from capsbench.cli import main
 from tests.test_suites import assert_report_has_every_plot, shared_cache  # noqa: F401 - the fixture
 

@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch import nn
 
-from capsbench.config import from_dict
-from capsbench.errors import CapsbenchError
+from capsbench.core.config import from_dict
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import MODELS, build_model
 from capsbench.train.config import TrainConfig
 from capsbench.train.step import CompileOrEager, InferStep, StepOptions, TrainStep, to_channels_last

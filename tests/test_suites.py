@@ -10,7 +10,7 @@ import pytest
 
 from capsbench.cli import main
 from capsbench.data.mnist import cache_dir
-from capsbench.runner import known_suites
+from capsbench.suite import known_suites
 
 COLUMNS = {
     "clean": {"model", "accuracy", "n", "seed"},

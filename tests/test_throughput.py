@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from capsbench.config import from_dict
-from capsbench.errors import CapsbenchError
+from capsbench.core.config import from_dict
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, ModelOutput, build_model
-from capsbench.suites.base import RunContext
-from capsbench.suites.throughput import (
+from capsbench.parts.base import RunContext
+from capsbench.parts.throughput import (
     COLUMNS, ROUTING_COLUMNS, Budget, ThroughputConfig, nominal, run_throughput, with_routing_iters,
 )  # fmt: skip
-from capsbench.timing import count_macs, peak_memory_mb, summarize, time_fn
+from capsbench.core.timing import count_macs, peak_memory_mb, summarize, time_fn
 from capsbench.train.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -224,7 +224,7 @@ def test_compile_mode_and_channels_last_are_settings_of_the_sweep(monkeypatch):
 
 
 def test_report_names_how_the_best_speed_was_measured():
-    from capsbench.report import _speed
+    from capsbench.report.document import _speed
 
     base = {"model": "m", "mode": "train", "dtype": "bf16", "repeats": 20}
     df = pd.DataFrame([{**base, "batch_size": 128, "samples_per_sec": 10.0, "compile": False, "compile_mode": None,

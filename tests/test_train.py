@@ -7,12 +7,12 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import build_model
 from capsbench.train import checkpoint
 from capsbench.train.cache import cache_key, get_trained
 from capsbench.train.config import train_config
-from capsbench.train.loop import Trainer
+from capsbench.train.trainer import Trainer
 
 CPU = torch.device("cpu")
 TINY_CAPS = dict(conv_channels=16, primary_types=4)
@@ -134,7 +134,7 @@ KILL_SCRIPT = """
 import sys, torch
 from capsbench.models import build_model
 from capsbench.train.config import train_config
-from capsbench.train.loop import Trainer
+from capsbench.train.trainer import Trainer
 from tests.conftest import FakeMNIST, synthetic_digits
 tx, ty = synthetic_digits(2048, 0)
 vx, vy = synthetic_digits(256, 1)

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from capsbench.config import from_dict
-from capsbench.errors import CapsbenchError
-from capsbench.suites.base import PARTS, RunContext
-from capsbench.suites.tta import TimeToAccuracyConfig, lr_factor, make_optimizer, median_time, run_tta
+from capsbench.core.config import from_dict
+from capsbench.core.errors import CapsbenchError
+from capsbench.parts.base import PARTS, RunContext
+from capsbench.parts.tta import TimeToAccuracyConfig, lr_factor, make_optimizer, median_time, run_tta
 from capsbench.train.config import TrainConfig
-from capsbench.train.loop import Trainer
+from capsbench.train.trainer import Trainer
 
 TINY = {"conv_channels": 16, "primary_types": 4, "primary_dim": 4, "class_dim": 8, "decoder_hidden": (32, 64)}
 FAST = dict(batch_size=16, lr=3e-3, warmup_steps=2, max_steps=12, eval_every=2, eval_batch_size=64, test_n=64,
@@ -97,8 +97,9 @@ def test_bad_config_is_refused_in_one_line(values, needle):
 
 
 def test_part_is_registered_and_trains_its_own_models():
-    assert PARTS.get("tta") == (TimeToAccuracyConfig, run_tta)
-    assert PARTS.meta("tta")["needs_training"] is False
+    p = PARTS.get("tta")
+    assert (p.config, p.run) == (TimeToAccuracyConfig, run_tta)
+    assert p.needs_training is False
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -191,12 +192,11 @@ def test_batch_larger_than_the_training_set_is_refused(fake_mnist):
 
 @pytest.mark.parametrize("preset", ["full", "quick", "smoke"])
 def test_suite_file_resolves_for_every_preset(preset):
-    from capsbench.runner import find_suite, read_suite, resolve
-    from capsbench.suites import load_parts
+    from capsbench.suite import RunRequest, find_suite, read_suite, resolve
+    from capsbench.parts import load_parts
 
     load_parts()
-    args = types.SimpleNamespace(preset=preset, set=[], models=None, seed=None, device="cpu")
-    r = resolve(read_suite(find_suite("tta")), "tta", args)
+    r = resolve(read_suite(find_suite("tta")), "tta", RunRequest("tta", preset=preset, device="cpu"))
     cfg = r.parts["tta"]
     assert list(r.parts) == ["tta"] and cfg.model in r.models
     if preset == "full":  # the GPU protocol of the issue: 99.6% on all 10k test images

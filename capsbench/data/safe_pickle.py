@@ -10,7 +10,7 @@ import io
 import pickle
 from typing import Any
 
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 
 # numpy 1.x wrote numpy.core; numpy 2 moved it to numpy._core.
 ALLOWED = {

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Callable
 
-from capsbench.config import from_dict
+from capsbench.core.config import from_dict
 from capsbench.models.base import BenchModel, ModelOutput, count_correct, predict
 from capsbench.models.capsnet import CapsNet, CapsNetConfig, dynamic_routing, squash
 from capsbench.models.cnn import CNNConfig, POOLED_LAYERS, paper_cnn, pooled_cnn
-from capsbench.registry import Registry
+from capsbench.core.registry import Registry
 
 MODELS: Registry[tuple[type, Callable[[Any], BenchModel]]] = Registry("model")
 

@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from capsbench import atomic
+from capsbench.core import atomic
 from capsbench.data import cache_dir, load_mnist
-from capsbench.device import amp_dtype
-from capsbench.env import environment
-from capsbench.filelock import file_lock
+from capsbench.core.device import amp_dtype
+from capsbench.core.env import environment
+from capsbench.core.lock import file_lock
 from capsbench.models import BenchModel, build_model, model_options
 from capsbench.train import checkpoint
 from capsbench.train.config import TrainConfig
-from capsbench.train.loop import Trainer
+from capsbench.train.trainer import Trainer
 
 # Bump when a change to the training code changes the weights it produces.
 TRAIN_CODE_VERSION = 1

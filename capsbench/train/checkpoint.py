@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from capsbench import atomic
-from capsbench.errors import CapsbenchError
+from capsbench.core import atomic
+from capsbench.core.errors import CapsbenchError
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:

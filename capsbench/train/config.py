@@ -5,10 +5,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass
 from importlib import resources
+
+import torch
 from typing import Any
 
-from capsbench.config import from_dict
-from capsbench.errors import CapsbenchError
+from capsbench.core.config import from_dict
+from capsbench.core.errors import CapsbenchError
 from capsbench.train.step import check_compile_mode
 
 AUGMENTS = ("shift", "canvas", "none")
@@ -83,3 +85,8 @@ def train_config(preset: str, **overrides: Any) -> TrainConfig:
         raise CapsbenchError(f"unknown preset {preset!r}; known presets: {', '.join(presets)}")
     base = from_dict(TrainConfig, presets[preset], where=f"preset {preset}")
     return from_dict(TrainConfig, overrides, where="train", base=base)
+
+
+def default_preset(device: torch.device) -> str:
+    """``full`` on a GPU (the paper's protocol length), ``quick`` on a CPU."""
+    return "full" if device.type == "cuda" else "quick"

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from capsbench.device import autocast
-from capsbench.errors import CapsbenchError
+from capsbench.core.device import autocast
+from capsbench.core.errors import CapsbenchError
 from capsbench.models.base import BenchModel, ModelOutput, predict
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

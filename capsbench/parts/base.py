@@ -1,7 +1,7 @@
 """What a suite part receives and returns.
 
-A part is a function ``part(ctx: RunContext, cfg: <PartConfig>) -> PartResult`` registered in
-``PARTS`` with its config dataclass. It returns flat rows (DataFrames) and figures; the runner
+A part is a function ``run(ctx: RunContext, cfg: <PartConfig>) -> PartResult`` registered in
+``PARTS`` by the ``@part(...)`` decorator with its config dataclass and its tables' columns. It returns flat rows (DataFrames) and figures; the runner
 writes them atomically into the run folder and builds summary.md from the parts' sections.
 """
 
@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from capsbench.registry import Registry
+from capsbench.core.registry import Registry
 from capsbench.train.config import TrainConfig
 
 
@@ -56,10 +56,36 @@ class RunContext:
 
     def test_inputs(self, x_u8: Tensor) -> Tensor:
         """Raw digits -> model inputs (B, 1, S, S) in [0, 1]: 28x28, or centred on the canvas."""
-        from capsbench.train.loop import test_inputs
+        from capsbench.train.trainer import test_inputs
 
         return test_inputs(self.train_cfg, x_u8)
 
 
 PartFn = Callable[[RunContext, Any], PartResult]
-PARTS: Registry[tuple[type, PartFn]] = Registry("suite part")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A registered part: its name, config dataclass (the suite file's ``[name]`` table), run
+    function, and the columns of every table it writes (declared once, here)."""
+
+    name: str
+    config: type
+    run: PartFn
+    tables: dict[str, tuple[str, ...]]  # table name -> its columns, in order
+    needs_training: bool = True  # False: the part trains its own models, or needs none
+    per_seed: bool = True  # False: its numbers do not depend on the seed (run with the first seed only)
+
+
+PARTS: Registry[Part] = Registry("suite part")
+
+
+def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_training: bool = True,
+         per_seed: bool = True) -> Callable[[PartFn], PartFn]:  # fmt: skip
+    """Register the decorated run function as part ``name``."""
+
+    def deco(fn: PartFn) -> PartFn:
+        PARTS.register(name)(Part(name, config, fn, {k: tuple(v) for k, v in tables.items()}, needs_training, per_seed))
+        return fn
+
+    return deco

@@ -7,7 +7,7 @@ from typing import ContextManager
 
 import torch
 
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 import capsbench
-from capsbench.allocator import cpu_allocator_tuned
-from capsbench.device import describe
+from capsbench.core.allocator import cpu_allocator_tuned
+from capsbench.core.device import describe
 
 
 def git_commit() -> str:

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from capsbench.errors import CapsbenchError
-from capsbench.stats import newcombe_interval, seed_summary, wilson_interval
+from capsbench.core.errors import CapsbenchError
+from capsbench.report.stats import newcombe_interval, seed_summary, wilson_interval
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
 FIELDS = ("source", "statement", "paper_value", "unit", "metric", "protocol", "model", "options", "part", "table",
@@ -81,7 +81,7 @@ def _claim(cid: str, raw: dict[str, Any]) -> Claim:
 def load_claims(text: str | None = None) -> dict[str, Claim]:
     """Every claim, by id, in file order (``text`` replaces claims.toml, for tests)."""
     if text is None:
-        text = resources.files("capsbench").joinpath("claims.toml").read_text()
+        text = resources.files("capsbench.report").joinpath("claims.toml").read_text()
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # e.g. a claim id declared twice

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from capsbench.errors import CapsbenchError
-from capsbench.stats import format_accuracy
-from capsbench.suites.base import PARTS, PartResult, RunContext
-from capsbench.summary import markdown_table
+from capsbench.core.errors import CapsbenchError
+from capsbench.report.format import format_accuracy
+from capsbench.parts.base import PartResult, RunContext, part
+from capsbench.report.format import markdown_table
 
 
 # A model below CHANCE_FACTOR x chance accuracy did not train (e.g. its loss stuck at ln C): its
@@ -36,7 +36,7 @@ class Table1Config:
     batch_size: int = 500
 
     def validate(self, where: str) -> None:
-        from capsbench.claims import load_claims
+        from capsbench.report.claims import load_claims
 
         known = [c.id for c in load_claims().values() if c.part == "table1"]
         bad = [c for c in self.claims if c not in known]
@@ -49,7 +49,7 @@ class Table1Config:
 
 
 def variants(cfg: Table1Config) -> list:
-    from capsbench.claims import load_claims
+    from capsbench.report.claims import load_claims
 
     claims = [c for c in load_claims().values() if c.part == "table1"]
     return [c for c in claims if not cfg.claims or c.id in cfg.claims]
@@ -70,7 +70,7 @@ def param_rows(claims: list, seed: int) -> list[dict]:
 def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
     """Train (or fetch from the cache) the claim's model and measure its test error."""
     from capsbench.train.cache import get_trained
-    from capsbench.train.loop import evaluate, test_inputs
+    from capsbench.train.trainer import evaluate, test_inputs
 
     if ctx.data is None:
         raise CapsbenchError("the table1 part needs the MNIST training set; run it through `python -m capsbench run`")
@@ -94,6 +94,14 @@ def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
             "train_failed": bool(acc < CHANCE_FACTOR / tm.model.num_classes)}  # fmt: skip
 
 
+TABLE1_TABLES = {
+    "table1": ("claim", "model", "options", "params", "accuracy", "error", "n", "correct", "seed", "steps",
+               "train_seconds", "from_cache", "paper_error_pct", "train_failed"),
+    "params": ("claim", "model", "options", "params", "seed"),
+}
+
+
+@part("table1", Table1Config, TABLE1_TABLES, needs_training=False)
 def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
     claims = variants(cfg)
     params = pd.DataFrame(param_rows(claims, ctx.seed))
@@ -117,7 +125,3 @@ def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
     if not params.empty:
         lines += ["Parameter counts at 28x28:", "", markdown_table(params.drop(columns="seed")), ""]
     return PartResult(tables=tables, summary="\n".join(lines))
-
-
-# needs_training=False: it trains its own variants, not the suite's models
-PARTS.register("table1", needs_training=False)((Table1Config, run_table1))

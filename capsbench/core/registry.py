@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 
 T = TypeVar("T")
 

@@ -20,12 +20,12 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from capsbench.attacks import FGSM
-from capsbench.device import autocast
-from capsbench.errors import CapsbenchError
+from capsbench.core.device import autocast
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import CapsNet
 from capsbench.models.base import eval_mode
-from capsbench.suites.base import PARTS, Check, PartResult, RunContext
-from capsbench.summary import markdown_table
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.report.format import markdown_table
 
 STEPS = 5  # offsets -STEPS..STEPS x STEP: the paper's [-0.25, 0.25] in steps of 0.05
 STEP = 0.05
@@ -265,6 +265,14 @@ def model_part(ctx: RunContext, cfg: CapsulesConfig, name: str, model: CapsNet, 
     return res
 
 
+CAPSULES_TABLES = {
+    "capsules_reconstruction": ("model", "kind", "n", "mean_sse", "seed"),
+    "capsules_routing": ("model", "example", "condition", "eps", "label", "prediction", "coupling_label",
+                         "coupling_pred", "coupling_entropy", "seed"),
+}
+
+
+@part("capsules", CapsulesConfig, CAPSULES_TABLES)
 def run_capsules(ctx: RunContext, cfg: CapsulesConfig) -> PartResult:
     n = min(cfg.n, len(ctx.test_x))
     x, y = ctx.test_inputs(ctx.test_x[:n]), ctx.test_y[:n]
@@ -315,6 +323,3 @@ def summary(res: PartResult, cfg: CapsulesConfig, n: int, notes: list[str]) -> s
     out += [f"**Checks**: {len(res.checks) - len(failed)} of {len(res.checks)} passed."]
     out += [f"- FAIL {c.name}: {c.detail}" for c in failed]
     return "\n".join(out + [""] + notes)
-
-
-PARTS.register("capsules")((CapsulesConfig, run_capsules))

@@ -17,15 +17,15 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capsbench.affnist import load_affnist
-from capsbench.device import autocast
-from capsbench.errors import CapsbenchError
+from capsbench.data.affnist import load_affnist
+from capsbench.core.device import autocast
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import predict
-from capsbench.plots import example_grid, with_intervals
-from capsbench.stats import format_accuracy
-from capsbench.suites.base import PARTS, Check, PartResult, RunContext
-from capsbench.summary import markdown_table
-from capsbench.transforms import IDENTITY, UNITS, affine_from_uniforms, single_factor
+from capsbench.report.plots import example_grid, with_intervals
+from capsbench.report.format import format_accuracy
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.report.format import markdown_table
+from capsbench.data.transforms import IDENTITY, UNITS, affine_from_uniforms, single_factor
 
 FACTORS = ("rotation", "scale", "shear", "translation")
 MNIST_BOX = 20  # MNIST digits are size-normalised into a 20x20 box inside the 28x28 frame
@@ -192,6 +192,12 @@ def affnist(ctx: RunContext, cfg: AffineConfig, tally: Tally) -> Tally:
     return orient
 
 
+AFFINE_TABLES = {
+    "affine": ("model", "transform", "value", "accuracy", "n", "seed", "correct", *COMPOSITE_COLUMNS),
+}
+
+
+@part("affine", AffineConfig, AFFINE_TABLES)
 def run_affine(ctx: RunContext, cfg: AffineConfig) -> PartResult:
     S = ctx.input_size
     check_translation(cfg, S)
@@ -371,6 +377,3 @@ def summary(df: pd.DataFrame, ctx: RunContext, cfg: AffineConfig, n: int, host: 
                  for t, v, a, k in zip(g["transform"], g["value"], g.accuracy, g.n)]  # fmt: skip
         out += [f"### {model}", "", markdown_table(pd.DataFrame(cells)), ""]
     return "\n".join(out)
-
-
-PARTS.register("affine")((AffineConfig, run_affine))

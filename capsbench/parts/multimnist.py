@@ -28,21 +28,21 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capsbench import atomic
+from capsbench.core import atomic
 from capsbench.data.multimnist import COMBINES, multimnist, two_digit_error
-from capsbench.device import autocast
-from capsbench.env import environment
-from capsbench.errors import CapsbenchError
-from capsbench.filelock import file_lock
+from capsbench.core.device import autocast
+from capsbench.core.env import environment
+from capsbench.core.errors import CapsbenchError
+from capsbench.core.lock import file_lock
 from capsbench.models import BenchModel, CapsNet, build_model, model_options
-from capsbench.plots import example_grid
-from capsbench.stats import wilson_interval
-from capsbench.suites.base import PARTS, Check, PartResult, RunContext
-from capsbench.summary import markdown_table
+from capsbench.report.plots import example_grid
+from capsbench.report.stats import wilson_interval
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.report.format import markdown_table
 from capsbench.train import checkpoint
 from capsbench.train.cache import TrainedModel, model_folder
 from capsbench.train.config import TrainConfig
-from capsbench.train.loop import make_optimizer
+from capsbench.train.trainer import make_optimizer
 
 # Bump when a change to this file's training code changes the weights it produces.
 MULTIMNIST_CODE_VERSION = 1
@@ -320,6 +320,12 @@ def trained_models(ctx: RunContext, cfg: MultiMNISTConfig) -> tuple[dict[str, Tr
     return models, skipped
 
 
+COLUMNS = ["model", "seed", "n", "error", "correct_both", "ci_low", "ci_high", "steps", "batch_size", "combine",
+           "max_shift", "train_seconds", "from_cache"]  # fmt: skip
+MULTIMNIST_TABLES = {"multimnist": COLUMNS}
+
+
+@part("multimnist", MultiMNISTConfig, MULTIMNIST_TABLES, needs_training=False)
 def run_multimnist(ctx: RunContext, cfg: MultiMNISTConfig) -> PartResult:
     if ctx.data is None:
         raise CapsbenchError("the multimnist part needs the MNIST training set, but the run context has none "
@@ -335,10 +341,6 @@ def run_multimnist(ctx: RunContext, cfg: MultiMNISTConfig) -> PartResult:
     if cfg.examples and models:
         figures["multimnist_examples"] = examples_figure(models, x, labels, p["layers"], scores, cfg.examples)
     return PartResult({"multimnist": df}, figures, summary(df, cfg, skipped, checks), checks)
-
-
-COLUMNS = ["model", "seed", "n", "error", "correct_both", "ci_low", "ci_high", "steps", "batch_size", "combine",
-           "max_shift", "train_seconds", "from_cache"]  # fmt: skip
 
 
 # ---- figures and summary ------------------------------------------------------------------
@@ -418,6 +420,3 @@ def summary(df: pd.DataFrame, cfg: MultiMNISTConfig, skipped: list[str], checks:
     out += [f"**Checks**: {len(checks) - len(failed)} of {len(checks)} passed."]
     out += [f"- FAIL {c.name}: {c.detail}" for c in failed]
     return "\n".join(out) + "\n"
-
-
-PARTS.register("multimnist", needs_training=False)((MultiMNISTConfig, run_multimnist))

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 
 C = TypeVar("C")
 

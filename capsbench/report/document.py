@@ -7,12 +7,9 @@ Every number carries its n and seeds; runs of a reduced preset are marked as not
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
-import json
 import os
-import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,72 +17,14 @@ from typing import Any
 
 import pandas as pd
 
-from capsbench import atomic
-from capsbench.errors import CapsbenchError
-from capsbench.stats import seed_summary, wilson_interval
-from capsbench.summary import markdown_table
+from capsbench.core import atomic
+from capsbench.report.folder import Run, read_run
+from capsbench.report.format import accuracy_cell, markdown_table
 
 REDUCED = "reduced protocol: not comparable to the paper"
 
 
-@dataclass
-class Run:
-    """One run folder, read back: config, environment, tables, plots, claims."""
-
-    folder: Path
-    label: str  # R1, R2, ...
-    config: dict[str, Any]
-    env: dict[str, Any]
-    tables: dict[str, pd.DataFrame]
-    plots: list[Path]
-    claims: pd.DataFrame | None = None
-
-    @property
-    def preset(self) -> str:
-        return str(self.config.get("preset", "?"))
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(self.config.get("seeds", [self.config.get("seed", 0)]))
-
-    @property
-    def mark(self) -> str:
-        return "" if self.preset == "full" else " †"
-
-
-def read_run(folder: str | Path, label: str) -> Run:
-    """Read a run folder written by `run`; a folder that is not one gets a one-line error."""
-    folder = Path(folder)
-    if not (folder / "config.toml").is_file() or not (folder / "env.json").is_file():
-        raise CapsbenchError(f"{folder} is not a capsbench run folder (no config.toml and env.json); "
-                             "give folders written by `python -m capsbench run`")  # fmt: skip
-    try:
-        config = tomllib.loads((folder / "config.toml").read_text())
-        env = json.loads((folder / "env.json").read_text())
-        tables = {p.stem: pd.read_csv(p) for p in sorted((folder / "tables").glob("*.csv"))}
-        claims = pd.read_csv(folder / "claims.csv") if (folder / "claims.csv").is_file() else None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise CapsbenchError(f"{folder} holds a corrupt file ({type(e).__name__}: {e}); rerun the suite") from None
-    plots = sorted((folder / "plots").glob("*.png"))
-    return Run(folder, label, config, env, tables, plots, claims)
-
-
 # --- headline numbers --------------------------------------------------------------------
-
-
-def accuracy_cell(values: list[tuple[float, int]]) -> str:
-    """Per-seed (accuracy, n) -> '98.1 [97.1, 98.8] (n=1000, 1 seed)' or a t-interval over seeds."""
-    if not values:
-        return "–"
-    if len(values) == 1:
-        acc, n = values[0]
-        lo, hi = wilson_interval(acc * n, int(n))
-        return f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={int(n)}, 1 seed, Wilson)"
-    s = seed_summary([100 * a for a, _ in values])
-    ns = sorted({int(n) for _, n in values})
-    lo, hi = max(s["ci_low"], 0.0), min(s["ci_high"], 100.0)  # an accuracy lies in [0, 100]
-    return (f"{s['mean']:.1f} ± {s['std']:.1f} [{lo:.1f}, {hi:.1f}] "
-            f"(n={'/'.join(map(str, ns))}, {len(values)} seeds, t)")  # fmt: skip
 
 
 def _per_seed(df: pd.DataFrame | None, model: str, **where: Any) -> list[tuple[float, int]]:
@@ -286,15 +225,3 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path,
     atomic.write_text(md, to_markdown(blocks, out_dir))
     atomic.write_text(page, to_html(blocks))
     return md, page
-
-
-def report_command(args: argparse.Namespace) -> int:
-    from capsbench.runner import new_run_folder
-
-    for i, d in enumerate(args.runs):  # check every folder before creating the output folder
-        read_run(d, f"R{i + 1}")
-    folder = new_run_folder("reports", args.out)
-    md, page = write_report(args.runs, folder)
-    print(f"report: {md}\nself-contained page: {page}")
-    return 0
-

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capsbench.registry import Registry
+from capsbench.core.registry import Registry
 
 TRANSFORMS: Registry[Callable[[Tensor, float], Tensor]] = Registry("transform")
 UNITS = {

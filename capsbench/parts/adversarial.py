@@ -13,13 +13,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capsbench.attacks import ATTACKS, PGD, Attack, SingleStep
-from capsbench.device import autocast
-from capsbench.errors import CapsbenchError
+from capsbench.core.device import autocast
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, predict
-from capsbench.plots import accuracy_lines, example_grid
-from capsbench.stats import wilson_interval
-from capsbench.suites.base import PARTS, Check, PartResult, RunContext
-from capsbench.summary import markdown_table
+from capsbench.report.plots import accuracy_lines, example_grid
+from capsbench.report.stats import wilson_interval
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.report.format import markdown_table
 
 WHITE_BOX = ("fgsm", "pgd", "noise")
 TRANSFERRED = ("fgsm", "pgd")
@@ -192,6 +192,14 @@ def clean_rows(counts: dict, models: dict, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ADVERSARIAL_TABLES = {
+    "adversarial": ("model", "attack", "eps", "accuracy", "n", "source_model", "seed", "target_success", "correct",
+                    "steps", "step_size", "zero_grad_frac"),
+    "adversarial_clean": ("model", "accuracy", "n", "seed", "correct"),
+}
+
+
+@part("adversarial", AdversarialConfig, ADVERSARIAL_TABLES)
 def run_adversarial(ctx: RunContext, cfg: AdversarialConfig) -> PartResult:
     data = make_inputs(ctx, cfg)
     counts = run_attacks(ctx, cfg, data).read()
@@ -421,6 +429,3 @@ def summary(df: pd.DataFrame, clean: pd.DataFrame, ctx: RunContext, cfg: Adversa
     out += [f"**Checks**: {len(checks) - len(failed)} of {len(checks)} passed (details under Sanity checks)."]
     out += [f"- FAIL {c.name}: {c.detail}" for c in failed]
     return "\n".join(out) + "\n"
-
-
-PARTS.register("adversarial")((AdversarialConfig, run_adversarial))

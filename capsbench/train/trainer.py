@@ -17,8 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capsbench.data import augment
-from capsbench.device import amp_dtype, autocast
-from capsbench.errors import CapsbenchError
+from capsbench.core.device import amp_dtype, autocast
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, predict
 from capsbench.models.base import eval_mode
 from capsbench.train import checkpoint

@@ -27,14 +27,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from tqdm.auto import tqdm
 
-from capsbench.device import describe
-from capsbench.errors import CapsbenchError
+from capsbench.core.device import describe
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, build_model, model_options
-from capsbench.suites.base import PARTS, Check, PartResult, RunContext
-from capsbench.summary import markdown_table
-from capsbench.timing import synchronize
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.report.format import markdown_table
+from capsbench.core.timing import synchronize
 from capsbench.train.config import TrainConfig
-from capsbench.train.loop import Trainer, evaluate, test_inputs
+from capsbench.train.trainer import Trainer, evaluate, test_inputs
 from capsbench.train.step import check_compile_mode
 
 SCHEDULES = ("onecycle", "paper")
@@ -239,6 +239,17 @@ def make_trainer(ctx: RunContext, cfg: TimeToAccuracyConfig) -> tuple[Trainer, d
     return tr, options
 
 
+TTA_TABLES = {
+    "tta": ("model", "repeat", "seed", "device", "dtype", "compile", "batch_size", "schedule", "lr", "warmup_steps",
+            "max_steps", "augment", "max_shift", "target", "reached", "steps", "images_seen", "wall_s_to_target",
+            "wall_s", "eval_s", "best_accuracy", "final_accuracy", "test_n", "train_n", "compile_s",
+            "train_images_per_s"),
+    "tta_curve": ("repeat", "seed", "step", "epoch", "images_seen", "wall_s", "eval_s", "test_accuracy", "test_n",
+                  "lr", "train_loss"),
+}
+
+
+@part("tta", TimeToAccuracyConfig, TTA_TABLES, needs_training=False)
 def run_tta(ctx: RunContext, cfg: TimeToAccuracyConfig) -> PartResult:
     """Train ``cfg.repeats`` fresh models to the target; time each from its first step."""
     if ctx.data is None:
@@ -359,7 +370,3 @@ def summary(df: pd.DataFrame, cfg: TimeToAccuracyConfig, info: dict[str, Any], o
     lines += [f"**Checks**: {len(checks) - len(failed)} of {len(checks)} passed."]
     lines += [f"- FAIL {c.name}: {c.detail}" for c in failed]
     return "\n".join(lines) + "\n"
-
-
-# needs_training=False: it trains its own models, from scratch, on the clock
-PARTS.register("tta", needs_training=False)((TimeToAccuracyConfig, run_tta))

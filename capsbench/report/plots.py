@@ -11,7 +11,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from capsbench.stats import wilson_interval  # noqa: E402
+from capsbench.report.stats import wilson_interval  # noqa: E402
 
 
 def with_intervals(df: pd.DataFrame) -> pd.DataFrame:

@@ -59,8 +59,3 @@ def seed_summary(values: list[float]) -> dict[str, float]:
     half = t_quantile_975(n - 1) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n_seeds": n}
 
-
-def format_accuracy(acc: float, n: int) -> str:
-    """'97.3% [96.1, 98.2] (n=1000)': accuracy with its 95% Wilson interval."""
-    lo, hi = wilson_interval(acc * n, n)
-    return f"{100 * acc:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})"

@@ -6,22 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from capsbench.stats import format_accuracy
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A DataFrame as a GitHub Markdown table (no extra dependency)."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+from capsbench.report.format import accuracy_cell, format_accuracy, markdown_table
 
 
 def models_table(models: dict[str, Any]) -> pd.DataFrame:
@@ -41,8 +26,6 @@ def models_table(models: dict[str, Any]) -> pd.DataFrame:
 
 def clean_section(clean: pd.DataFrame) -> list[str]:
     """Clean accuracy per model: Wilson intervals for one seed, plus a t-interval over seeds."""
-    from capsbench.report import accuracy_cell
-
     rows = []
     for model, g in clean.groupby("model", sort=False):
         row = {"model": model}

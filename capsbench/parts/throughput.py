@@ -1,6 +1,6 @@
 """The throughput part: training and inference images/s over batch sizes (median and IQR of the
 step time), peak memory, parameters and MACs per image, and CapsNet's cost as the number of
-routing iterations grows (Sabour et al. 2017 use 3). Timing follows capsbench.timing's recipe;
+routing iterations grows (Sabour et al. 2017 use 3). Timing follows capsbench.core.timing's recipe;
 the published speeds it can be compared with are in shared/capsnet-facts.md."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from tqdm.auto import tqdm
 
-from capsbench.allocator import cpu_allocator_tuned
-from capsbench.device import describe
-from capsbench.errors import CapsbenchError
+from capsbench.core.allocator import cpu_allocator_tuned
+from capsbench.core.device import describe
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, CapsNet, CapsNetConfig, build_model
-from capsbench.suites.base import PARTS, Check, PartResult, RunContext
-from capsbench.summary import markdown_table
-from capsbench.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.report.format import markdown_table
+from capsbench.core.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
 from capsbench.train.step import InferStep, StepOptions, TrainStep, check_compile_mode
 
 MODES = ("train", "inference")
@@ -287,6 +287,10 @@ def routing_sweep(name: str, tm: Any, ctx: RunContext, cfg: ThroughputConfig, no
     return rows
 
 
+THROUGHPUT_TABLES = {"throughput": COLUMNS, "throughput_routing": ROUTING_COLUMNS}
+
+
+@part("throughput", ThroughputConfig, THROUGHPUT_TABLES, needs_training=False, per_seed=False)
 def run_throughput(ctx: RunContext, cfg: ThroughputConfig) -> PartResult:
     """Time every model over batch sizes, modes, dtypes and compile settings; sweep CapsNet's routing."""
     info, rows, routing_rows, notes = run_info(ctx), [], [], []
@@ -428,6 +432,3 @@ def summary(df: pd.DataFrame, routing: pd.DataFrame, info: dict[str, Any], cfg: 
                 f"{routing.dtype.iloc[0]}, eager):", "", markdown_table(routing_table(routing)), ""]  # fmt: skip
     out += [f"- {n}" for n in notes]
     return "\n".join(out).rstrip() + "\n"
-
-
-PARTS.register("throughput", needs_training=False, per_seed=False)((ThroughputConfig, run_throughput))

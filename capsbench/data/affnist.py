@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from capsbench.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError
 
 SIDE = 40
 

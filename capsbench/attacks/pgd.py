@@ -1,0 +1,37 @@
+"""PGD / BIM: iterated signed-gradient steps projected onto the L-inf ball."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from capsbench.attacks.base import ATTACKS, Attack
+from capsbench.models import BenchModel
+
+
+@ATTACKS.register("pgd")
+class PGD(Attack):
+    """Iterative L-inf attack: BIM (Kurakin et al. 2017) by default, i.e. PGD (Madry et al.
+    2018) without a random start; ``random_start=True`` gives Madry's PGD. Each of ``steps``
+    steps moves ``step_size`` along the gradient sign, then projects onto the eps-ball and
+    [0, 1]. ``step_size=0`` means 2.5 * eps / steps (Madry et al.'s rule)."""
+
+    def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None,
+                 batch_size: int | None = None, steps: int = 10, step_size: float = 0.0,
+                 random_start: bool = False) -> None:  # fmt: skip
+        super().__init__(model, eps, dtype, batch_size)
+        if steps < 1 or step_size < 0:
+            raise ValueError(f"PGD needs steps >= 1 and step_size >= 0, got {steps}, {step_size}")
+        self.steps = steps
+        self.step_size = step_size if step_size > 0 else 2.5 * self.eps / steps
+        self.random_start = random_start
+
+    def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
+        adv = x
+        if self.random_start:
+            noise = torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1
+            adv = (x + self.eps * noise).clamp(0, 1)
+        for _ in range(self.steps):
+            adv = adv + self.step_size * self.loss_grad(adv, labels).sign()
+            adv = torch.min(torch.max(adv, x - self.eps), x + self.eps).clamp(0, 1)
+        return adv

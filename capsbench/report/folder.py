@@ -1,0 +1,92 @@
+"""The run-folder format, in one place: a new folder per run (never an existing one), tables as
+``tables/<name>.csv``, figures as ``plots/<name>.png``, all written atomically; and ``read_run``,
+which reads a folder back (config.toml, env.json, tables, plots, claims.csv)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from capsbench.core import atomic
+from capsbench.core.errors import CapsbenchError
+
+
+def new_run_folder(suite: str, out: str | None) -> Path:
+    """A fresh folder; an existing non-empty --out is refused (results are never overwritten)."""
+    if out:
+        folder = Path(out)
+        if folder.exists() and any(folder.iterdir()):
+            raise CapsbenchError(f"--out {folder} already holds files; results are never overwritten, choose a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    root = Path("results") / suite
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = root / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def write_table(folder: Path, name: str, df) -> str:
+    rel = f"tables/{name}.csv"
+    atomic.write_with(folder / rel, lambda tmp: df.to_csv(tmp, index=False))
+    return rel
+
+
+def write_figure(folder: Path, name: str, fig) -> str:
+    rel = f"plots/{name}.png"
+    atomic.write_with(folder / rel, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    return rel
+
+
+@dataclass
+class Run:
+    """One run folder, read back: config, environment, tables, plots, claims."""
+
+    folder: Path
+    label: str  # R1, R2, ...
+    config: dict[str, Any]
+    env: dict[str, Any]
+    tables: dict[str, pd.DataFrame]
+    plots: list[Path]
+    claims: pd.DataFrame | None = None
+
+    @property
+    def preset(self) -> str:
+        return str(self.config.get("preset", "?"))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.config.get("seeds", [self.config.get("seed", 0)]))
+
+    @property
+    def mark(self) -> str:
+        return "" if self.preset == "full" else " †"
+
+
+def read_run(folder: str | Path, label: str) -> Run:
+    """Read a run folder written by `run`; a folder that is not one gets a one-line error."""
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file() or not (folder / "env.json").is_file():
+        raise CapsbenchError(f"{folder} is not a capsbench run folder (no config.toml and env.json); "
+                             "give folders written by `python -m capsbench run`")  # fmt: skip
+    try:
+        config = tomllib.loads((folder / "config.toml").read_text())
+        env = json.loads((folder / "env.json").read_text())
+        tables = {p.stem: pd.read_csv(p) for p in sorted((folder / "tables").glob("*.csv"))}
+        claims = pd.read_csv(folder / "claims.csv") if (folder / "claims.csv").is_file() else None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise CapsbenchError(f"{folder} holds a corrupt file ({type(e).__name__}: {e}); rerun the suite") from None
+    plots = sorted((folder / "plots").glob("*.png"))
+    return Run(folder, label, config, env, tables, plots, claims)

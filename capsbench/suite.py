@@ -1,0 +1,140 @@
+"""Suite files and what a run asks for: where suites are found, how a suite file, its preset
+table and the request's overrides resolve into one checked configuration (``Resolved``)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capsbench.core.config import deep_merge, from_dict, parse_sets
+from capsbench.core.device import resolve_device
+from capsbench.core.errors import CapsbenchError
+from capsbench.parts.base import PARTS
+from capsbench.train.config import TrainConfig, default_preset, train_config
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What `run` was asked for, typed (the command line builds it; so can any caller)."""
+
+    suite: str  # a suite name or a path to a suite TOML file
+    preset: str | None = None  # None: full on a GPU, quick on a CPU
+    seeds: tuple[int, ...] = ()  # empty: the suite's seed
+    claims: tuple[str, ...] = ()  # claim ids to evaluate (empty: all for `paper`, none otherwise)
+    models: tuple[str, ...] = ()  # empty: the suite's models
+    sets: tuple[str, ...] = ()  # KEY=VALUE overrides
+    out: str | None = None  # the run folder (None: results/<suite>/<time>-<id>/)
+    device: str = "auto"
+    progress: bool = True
+    data_dir: str | None = None  # the cache folder (None: $CAPSBENCH_DATA_DIR or ~/.cache/capsbench)
+
+
+TOP_KEYS = {"description", "models", "parts", "seed", "test_n", "train", "model", "preset"}
+
+
+def suite_dirs() -> list[Path]:
+    """Where suite names are looked up: the repository's suites/ (next to the package), then ./suites."""
+    here = Path(__file__).resolve().parent.parent / "suites"
+    return list(dict.fromkeys([here, Path.cwd() / "suites"]))
+
+
+def known_suites() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in suite_dirs():
+        for p in sorted(d.glob("*.toml")) if d.is_dir() else []:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def find_suite(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise CapsbenchError(f"suite file {p} does not exist")
+        return p
+    suites = known_suites()
+    if name_or_path not in suites:
+        raise CapsbenchError(f"unknown suite {name_or_path!r}; known suites: {', '.join(suites) or '(none)'}")
+    return suites[name_or_path]
+
+
+def read_suite(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise CapsbenchError(f"suite file {path} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CapsbenchError(f"cannot read suite file {path}: {e}") from None
+
+
+@dataclass
+class Resolved:
+    """A fully checked suite configuration; ``as_dict`` is what config.toml records."""
+
+    name: str
+    description: str
+    preset: str
+    device: torch.device
+    train: TrainConfig
+    models: dict[str, dict[str, Any]]  # name -> model options
+    parts: dict[str, Any]  # part name -> its config dataclass
+    test_n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "suite": self.name, "description": self.description, "preset": self.preset,
+            "device": str(self.device), "seed": self.train.seed, "test_n": self.test_n,
+            "models": list(self.models), "parts": list(self.parts), "train": asdict(self.train),
+            "model": self.models, **{k: asdict(v) for k, v in self.parts.items()},
+        }  # fmt: skip
+
+
+def _check_list(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise CapsbenchError(f"{key} must be a non-empty list of names, got {value!r}")
+    return value
+
+
+def resolve(raw: dict[str, Any], name: str, req: RunRequest) -> Resolved:
+    """Layers: suite file, its [preset.<name>] table, then the request's sets / models / seed."""
+    from capsbench.models import MODELS, model_options
+
+    device = resolve_device(req.device)
+    preset = req.preset or default_preset(device)
+    presets = raw.get("preset", {})
+    if not isinstance(presets, dict):
+        raise CapsbenchError("suite key 'preset' must be a table of per-preset overrides")
+    merged = deep_merge({k: v for k, v in raw.items() if k != "preset"}, presets.get(preset, {}))
+    merged = deep_merge(merged, parse_sets(list(req.sets)))
+    if req.models:
+        merged["models"] = list(req.models)
+    unknown = sorted(set(merged) - TOP_KEYS - set(PARTS.names()))
+    if unknown:
+        allowed = ", ".join(sorted(TOP_KEYS - {"preset"}) + PARTS.names())
+        raise CapsbenchError(f"unknown suite key {unknown[0]!r}; allowed top-level keys: {allowed}")
+    train_over = dict(merged.get("train", {}))
+    seed = req.seeds[0] if req.seeds else merged.get("seed", train_over.get("seed", 0))
+    train_over["seed"] = seed
+    train = train_config(preset, **train_over)
+    models = {}
+    model_tables = merged.get("model", {})
+    for m in _check_list(merged.get("models"), "models"):
+        MODELS.get(m)
+        models[m] = model_options(m, **{"input_size": train.input_size, **model_tables.get(m, {})})
+    stray = sorted(set(model_tables) - set(models))
+    if stray:
+        raise CapsbenchError(f"[model.{stray[0]}] configures a model the suite does not run ({', '.join(models)})")
+    parts = {}
+    for p in _check_list(merged.get("parts"), "parts"):
+        parts[p] = from_dict(PARTS.get(p).config, merged.get(p, {}), where=p)
+    for p in set(PARTS.names()) - set(parts):
+        if p in merged:  # validate tables of parts not run, so typos never pass silently
+            from_dict(PARTS.get(p).config, merged[p], where=p)
+    test_n = merged.get("test_n", 10000)
+    if not isinstance(test_n, int) or isinstance(test_n, bool) or test_n < 0:
+        raise CapsbenchError(f"test_n must be an integer >= 0 (0 = the whole test set), got {test_n!r}")
+    return Resolved(name, str(merged.get("description", "")), preset, device, train, models, parts, test_n)
