@@ -6,7 +6,8 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from capsbench.core.config import from_dict
-from capsbench.models.base import BenchModel, ModelOutput, count_correct, predict
+from capsbench.models.base import BenchModel, ModelOutput, predict
+from capsbench.models.scoring import batch_predictions, batch_scores, count_correct, forward_batches
 from capsbench.models.capsnet import CapsNet, CapsNetConfig, dynamic_routing, squash
 from capsbench.models.cnn import CNNConfig, POOLED_LAYERS, paper_cnn, pooled_cnn
 from capsbench.core.registry import Registry
@@ -47,5 +48,5 @@ def model_options(name: str, **options: Any) -> dict[str, Any]:
 
 __all__ = [
     "MODELS", "BenchModel", "ModelOutput", "CapsNet", "CapsNetConfig", "CNNConfig",
-    "build_model", "model_config", "model_options", "count_correct", "predict", "dynamic_routing", "squash",
+    "build_model", "model_config", "model_options", "count_correct", "batch_scores", "batch_predictions", "forward_batches", "predict", "dynamic_routing", "squash",
 ]  # fmt: skip

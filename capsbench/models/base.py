@@ -50,12 +50,6 @@ def predict(out: ModelOutput) -> Tensor:
     return out.scores.argmax(dim=1)
 
 
-@torch.no_grad()
-def count_correct(model: BenchModel, x: Tensor, y: Tensor) -> Tensor:
-    """Number of correct predictions as a 0-dim tensor (no host sync)."""
-    return (predict(model(x)) == y).sum()
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the duration, the previous mode restored afterwards."""
