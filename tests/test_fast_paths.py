@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import build_model
 from capsbench.models.routing import dynamic_routing, parent_major_routing
 from capsbench.models.spectral import frequencies, spectral_primary, supports
@@ -217,7 +218,8 @@ def test_auto_routing_is_parent_major_only_on_the_plain_fp32_cpu_path():
     ({"routing_chunk": -1}, "routing_chunk must be >= 0"),
 ])  # fmt: skip
 def test_bad_fast_path_options_are_refused(options, message):
-    with pytest.raises(ValueError, match=message):
+    # vocabulary and bounds: the config's CapsbenchError; shape rules: the constructor's ValueError
+    with pytest.raises((CapsbenchError, ValueError), match=message):
         build_model("capsnet", **TINY, **options)
 
 

@@ -15,12 +15,18 @@ from torch import nn
 
 from capsbench.core.config import from_dict
 from capsbench.core.errors import CapsbenchError
+from capsbench.core.timing import count_macs, peak_memory_mb, summarize, time_fn
 from capsbench.models import BenchModel, ModelOutput, build_model
 from capsbench.parts.base import RunContext
 from capsbench.parts.throughput import (
-    COLUMNS, ROUTING_COLUMNS, Budget, ThroughputConfig, nominal, run_throughput, with_routing_iters,
+    COLUMNS,
+    ROUTING_COLUMNS,
+    Budget,
+    ThroughputConfig,
+    nominal,
+    run_throughput,
+    with_routing_iters,
 )  # fmt: skip
-from capsbench.core.timing import count_macs, peak_memory_mb, summarize, time_fn
 from capsbench.train.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -185,15 +191,16 @@ def test_budget_skips_settings_projected_to_overrun():
 @pytest.mark.parametrize(
     ("values", "match"),
     [
-        ({"batch_sizes": [0, 8]}, "batch_sizes must be"),
-        ({"batch_sizes": []}, "batch_sizes must be"),
+        ({"batch_sizes": [0, 8]}, "batch_sizes values must be >= 1"),
+        ({"batch_sizes": []}, "batch_sizes needs at least one value"),
         ({"warmup": -1}, "warmup must be >= 0"),
         ({"repeats": 0}, "repeats must be >= 1"),
-        ({"modes": ["fly"]}, "modes must be a non-empty subset"),
-        ({"dtypes": ["fp8"]}, "dtypes must be a non-empty subset"),
-        ({"routing_iters": [0]}, "routing_iters and routing_batch_size must be >= 1"),
-        ({"compile": []}, "compile must list"),
-        ({"channels_last": []}, "channels_last must list"),
+        ({"modes": ["fly"]}, r"modes\[0\] must be one of train, inference"),
+        ({"dtypes": ["fp8"]}, r"dtypes\[0\] must be one of auto, fp32, bf16"),
+        ({"routing_iters": [0]}, "routing_iters values must be >= 1"),
+        ({"routing_batch_size": 0}, "routing_batch_size must be >= 1"),
+        ({"compile": []}, "compile needs at least one value"),
+        ({"channels_last": []}, "channels_last needs at least one value"),
         ({"compile_mode": "turbo"}, "compile_mode must be one of default, reduce-overhead"),
         ({"max_seconds": 0.0}, "max_seconds must be > 0"),
     ],

@@ -1,19 +1,82 @@
 """Typed configuration: dataclass defaults, then a TOML table, then ``--set key=value``.
 
-Unknown keys and wrong types are refused with the key's name and what is allowed.
+Declarative: a field's type says what it takes (``Literal[...]`` for a fixed vocabulary) and
+``opt(...)`` metadata says its bounds, so every rule is checked once, in ``from_dict``, where a
+dict becomes a dataclass; a class's own ``validate(where)`` keeps only rules that relate several
+fields. Unknown keys, wrong types, values outside the vocabulary or the bounds are refused with
+the key's name and what is allowed. ``in_key=False`` marks fields that do not change what a
+training run computes (logging cadence, speed options), which ``weight_fields`` leaves out of
+the weight cache key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+import tomli_w
 
 from capsbench.core.errors import CapsbenchError
 
 C = TypeVar("C")
+
+# The one precision vocabulary (training, evaluation, attacks, throughput): auto = bf16 autocast
+# on CUDA and fp32 on the CPU. "off" is accepted as an older spelling of "fp32".
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISION_ALIASES = {"off": "fp32"}
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None, finite: bool = False,
+        nonempty: bool = False, in_key: bool = True, aliases: dict[str, str] | None = None) -> Any:  # fmt: skip
+    """A dataclass field with bounds (each element's, for a list), ``finite`` numbers,
+    ``nonempty`` lists, aliases for old spellings, and ``in_key`` (False: not part of the weight
+    cache key)."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "finite": finite, "nonempty": nonempty, "in_key": in_key,
+            "aliases": aliases or {}}  # fmt: skip
+    return dataclasses.field(default=default, default_factory=factory, metadata={"capsbench": meta})
+
+
+def _meta(f: dataclasses.Field) -> dict[str, Any]:
+    return f.metadata.get("capsbench", {})
+
+
+def _bound_error(value: Any, m: dict[str, Any]) -> str:
+    """What bound ``value`` breaks ("" if none); NaN breaks every bound."""
+    if m.get("finite") and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        return "a finite number"
+    for name, sign, ok in (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+                           ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)):  # fmt: skip
+        b = m.get(name)
+        if b is not None and not (isinstance(value, (int, float)) and not math.isnan(value) and ok(value, b)):
+            return f"{sign} {b:g}"
+    return ""
+
+
+def check_fields(obj: Any, where: str = "") -> None:
+    """Check every ``opt`` bound of the dataclass ``obj`` (each element of a list field)."""
+    prefix = f"{where}." if where else ""
+    for f in dataclasses.fields(obj):
+        m, value = _meta(f), getattr(obj, f.name)
+        if not m:
+            continue
+        many = isinstance(value, (list, tuple))
+        if many and m["nonempty"] and not value:
+            raise CapsbenchError(f"{prefix}{f.name} needs at least one value")
+        for v in value if many else [value]:
+            broken = _bound_error(v, m)
+            if broken:
+                what = f"{prefix}{f.name} values" if many else f"{prefix}{f.name}"
+                raise CapsbenchError(f"{what} must be {broken}, got {value!r}")
+
+
+def weight_fields(obj: Any) -> dict[str, Any]:
+    """The dataclass ``obj`` as a dict without its ``in_key=False`` fields."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if _meta(f).get("in_key", True)}
 
 
 def _type_name(tp: Any) -> str:
@@ -27,6 +90,10 @@ def _type_name(tp: Any) -> str:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (int, float, bool, str, tuple, list, Optional)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):  # type: True == 1 must not pass
+            return value
+        raise CapsbenchError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -79,12 +146,21 @@ def from_dict(cls: type[C], values: dict[str, Any], where: str = "", base: C | N
         raise CapsbenchError(
             f"unknown key {prefix}{unknown[0]}; allowed keys{' in ' + where if where else ''}: {', '.join(types)}"
         )
+    aliases = {f.name: _meta(f).get("aliases", {}) for f in dataclasses.fields(cls)}
+    values = {k: aliases[k].get(v, v) if isinstance(v, str) else v for k, v in values.items()}
     checked = {k: coerce(v, types[k], prefix + k) for k, v in values.items()}
     obj = dataclasses.replace(base, **checked) if base is not None else cls(**checked)  # type: ignore[type-var]
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        check(where)
+    check(obj, where)
     return obj
+
+
+def check(obj: Any, where: str = "") -> None:
+    """Every rule of a config object: its fields' vocabulary-free bounds (``opt``), then its own
+    cross-field ``validate(where)`` if it has one (``from_dict`` calls this)."""
+    check_fields(obj, where)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(where)
 
 
 def parse_value(text: str) -> Any:
@@ -120,30 +196,18 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_toml(data: dict[str, Any]) -> str:
-    """Write a nested dict of scalars/lists as TOML (enough for resolved configs)."""
+    """``data`` (nested dicts of scalars and lists) as TOML, by tomli-w. TOML has no null, so a
+    None anywhere is refused with its key rather than written as something else."""
 
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if v is None:
-            return '""'
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    def refuse_none(d: Any, path: str) -> None:
+        if d is None:
+            raise ValueError(f"cannot write {path or 'the value'} = None to TOML (TOML has no null)")
+        if isinstance(d, dict):
+            for k, v in d.items():
+                refuse_none(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(d, (list, tuple)):
+            for i, v in enumerate(d):
+                refuse_none(v, f"{path}[{i}]")
 
-    lines: list[str] = []
-
-    def table(d: dict[str, Any], path: list[str]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        if path and scalars:
-            lines.append(f"\n[{'.'.join(path)}]")
-        for k, v in scalars.items():
-            lines.append(f"{k} = {val(v)}")
-        for k, v in d.items():
-            if isinstance(v, dict):
-                table(v, path + [k])
-
-    table(data, [])
-    return "\n".join(lines).lstrip("\n") + "\n"
+    refuse_none(data, "")
+    return tomli_w.dumps(data)

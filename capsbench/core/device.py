@@ -21,13 +21,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA, full fp32 on the CPU (CPU bf16 is slower without AMX)."""
-    if amp not in ("auto", "bf16", "off"):
-        raise CapsbenchError(f"unknown amp setting {amp!r}; use auto, bf16 or off")
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
+def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision (``core.config.Precision``, checked where configs are
+    read): ``auto`` is bf16 on CUDA and full fp32 on the CPU (CPU bf16 is slower without AMX);
+    None means fp32, no autocast."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp32": None, "off": None}[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:

@@ -9,12 +9,15 @@ maximum so that a pixel never gets brighter than either digit made it, and recor
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 from capsbench.data.augment import place, to_float
 
-COMBINES = ("max", "sum")
+Combine = Literal["max", "sum"]
+COMBINES = get_args(Combine)
 
 
 def multimnist(x_u8: Tensor, y: Tensor, n: int, seed: int, max_shift: int = 4, combine: str = "max",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Callable
 
-from capsbench.core.config import from_dict
-from capsbench.models.base import BenchModel, ModelOutput, predict
-from capsbench.models.scoring import batch_predictions, batch_scores, count_correct, forward_batches
-from capsbench.models.capsnet import CapsNet, CapsNetConfig, dynamic_routing, squash
-from capsbench.models.cnn import CNNConfig, POOLED_LAYERS, paper_cnn, pooled_cnn
+from capsbench.core.config import from_dict, weight_fields
 from capsbench.core.registry import Registry
+from capsbench.models.base import BenchModel, ModelOutput, predict
+from capsbench.models.capsnet import CapsNet, CapsNetConfig, dynamic_routing, squash
+from capsbench.models.cnn import POOLED_LAYERS, CNNConfig, paper_cnn, pooled_cnn
+from capsbench.models.scoring import batch_predictions, batch_scores, count_correct, forward_batches
 
 MODELS: Registry[tuple[type, Callable[[Any], BenchModel]]] = Registry("model")
 
@@ -46,7 +46,14 @@ def model_options(name: str, **options: Any) -> dict[str, Any]:
     return asdict(model_config(name, **options))
 
 
+def weight_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options that determine the model's function and weights: speed options (CapsNet's
+    primary_conv, routing_impl, routing_chunk) left out, so a model trained with the spectral
+    path is the same cached model as one trained with the direct path."""
+    return weight_fields(model_config(name, **options))
+
+
 __all__ = [
     "MODELS", "BenchModel", "ModelOutput", "CapsNet", "CapsNetConfig", "CNNConfig",
-    "build_model", "model_config", "model_options", "count_correct", "batch_scores", "batch_predictions", "forward_batches", "predict", "dynamic_routing", "squash",
+    "build_model", "model_config", "model_options", "weight_options", "count_correct", "batch_scores", "batch_predictions", "forward_batches", "predict", "dynamic_routing", "squash",
 ]  # fmt: skip

@@ -8,52 +8,55 @@ summed over classes plus 0.0005 x the per-image sum of squared reconstruction er
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capsbench.core.config import opt
 from capsbench.models import spectral
-from capsbench.models.routing import dynamic_routing, parent_major_routing, squash
 from capsbench.models.base import BenchModel, ModelOutput
+from capsbench.models.losses import margin_loss
+from capsbench.models.routing import dynamic_routing, parent_major_routing, squash
 
-PRIMARY_CONVS = ("auto", "direct", "spectral")
-ROUTING_IMPLS = ("auto", "plain", "parent-major")
+PrimaryConv = Literal["auto", "direct", "spectral"]
+RoutingImpl = Literal["auto", "plain", "parent-major"]
 CPU_ROUTING_CHUNK = 8  # examples routed at a time on a CPU: u_hat (8 x 1152 x 10 x 16 fp32, 5.9 MB) stays in cache
 
 
 @dataclass(frozen=True)
 class CapsNetConfig:
     input_size: int = 28  # 28 (MNIST) or 40 (affNIST canvas); primary capsules follow
-    in_channels: int = 1
-    num_classes: int = 10
-    conv_channels: int = 256
-    primary_types: int = 32
-    primary_dim: int = 8
-    class_dim: int = 16
-    routing_iters: int = 3
+    in_channels: int = opt(1, ge=1)
+    num_classes: int = opt(10, ge=2)
+    conv_channels: int = opt(256, ge=1)
+    primary_types: int = opt(32, ge=1)
+    primary_dim: int = opt(8, ge=1)
+    class_dim: int = opt(16, ge=1)
+    routing_iters: int = opt(3, ge=1)
     reconstruction: bool = True
     inner_routing_grad: bool = True  # official code backpropagates through every iteration
-    # Examples routed at a time (results are the same for any value; only speed differs):
-    # 0 = auto, CPU_ROUTING_CHUNK on a CPU (cache-sized pieces, ~2-3x faster routing there) and
-    # the whole batch on a GPU (one large kernel per step).
-    routing_chunk: int = 0
-    # How Conv1 + PrimaryCaps are computed (same function, same weights): "direct" (F.conv2d),
-    # "spectral" (PrimaryCaps in the frequency domain, ~4x fewer multiply-adds; see
-    # models/spectral.py), or "auto": spectral for fp32 CPU training and inference, direct on a
-    # GPU (cuDNN), under autocast and when the input needs a gradient (attacks).
-    primary_conv: str = "auto"
-    # How routing is computed (same function): "plain" (broadcast multiply-and-sum over
-    # (B, N, C, D) predictions, differentiated by autograd; torch.compile fuses it on a GPU),
-    # "parent-major" ((B, C, N, D) predictions, batched matrix-vector products and a
-    # hand-written backward; see models/routing.py), or "auto": parent-major where "auto"
-    # primary_conv picks spectral (fp32 CPU, no autocast, no input gradient), plain elsewhere.
-    routing_impl: str = "auto"
-    recon_weight: float = 0.0005
-    decoder_hidden: tuple[int, int] = (512, 1024)
+    # Speed options (in_key=False: the same function and weights, so the same cached model):
+    # Examples routed at a time: 0 = auto, CPU_ROUTING_CHUNK on a CPU (cache-sized pieces, ~2-3x
+    # faster routing there) and the whole batch on a GPU (one large kernel per step).
+    routing_chunk: int = opt(0, ge=0, in_key=False)
+    # How Conv1 + PrimaryCaps are computed: "direct" (F.conv2d), "spectral" (PrimaryCaps in the
+    # frequency domain, ~4x fewer multiply-adds; see models/spectral.py), or "auto": spectral for
+    # fp32 CPU training and inference, direct on a GPU (cuDNN), under autocast and when the input
+    # needs a gradient (attacks).
+    primary_conv: PrimaryConv = opt("auto", in_key=False)
+    # How routing is computed: "plain" (broadcast multiply-and-sum over (B, N, C, D) predictions,
+    # differentiated by autograd; torch.compile fuses it on a GPU), "parent-major" ((B, C, N, D)
+    # predictions, batched matrix-vector products and a hand-written backward; see
+    # models/routing.py), or "auto": parent-major where "auto" primary_conv picks spectral (fp32
+    # CPU, no autocast, no input gradient), plain elsewhere.
+    routing_impl: RoutingImpl = opt("auto", in_key=False)
+    recon_weight: float = opt(0.0005, ge=0)
+    decoder_hidden: tuple[int, int] = opt((512, 1024), ge=1)
     m_plus: float = 0.9
     m_minus: float = 0.1
-    lambda_: float = 0.5
+    lambda_: float = opt(0.5, ge=0)
 
     @property
     def primary_grid(self) -> int:
@@ -83,14 +86,6 @@ class CapsNet(BenchModel):
         super().__init__()
         if cfg.primary_grid < 1:
             raise ValueError(f"input_size {cfg.input_size} is too small for CapsNet (needs >= 25)")
-        if cfg.routing_iters < 1:
-            raise ValueError("routing_iters must be >= 1")
-        if cfg.routing_chunk < 0:
-            raise ValueError("routing_chunk must be >= 0 (0 = auto)")
-        if cfg.primary_conv not in PRIMARY_CONVS:
-            raise ValueError(f"primary_conv must be one of {', '.join(PRIMARY_CONVS)}, got {cfg.primary_conv!r}")
-        if cfg.routing_impl not in ROUTING_IMPLS:
-            raise ValueError(f"routing_impl must be one of {', '.join(ROUTING_IMPLS)}, got {cfg.routing_impl!r}")
         if cfg.primary_conv == "spectral" and not spectral.supports(cfg.input_size - 8, 9, 2):
             raise ValueError(f"primary_conv='spectral' needs an even Conv1 output (input_size 28 or 40), "
                              f"got input_size {cfg.input_size}")  # fmt: skip
@@ -200,10 +195,8 @@ class CapsNet(BenchModel):
     def margin_loss(self, lengths: Tensor, y: Tensor) -> Tensor:
         """Per-example margin loss (B,), summed over classes (paper eq. 4)."""
         cfg = self.cfg
-        t = F.one_hot(y, self.num_classes).to(lengths.dtype)
-        present = t * F.relu(cfg.m_plus - lengths) ** 2
-        absent = cfg.lambda_ * (1 - t) * F.relu(lengths - cfg.m_minus) ** 2
-        return (present + absent).sum(dim=1)
+        t = F.one_hot(y, self.num_classes).to(lengths.dtype)  # (B, C)
+        return margin_loss(lengths, t, cfg.m_plus, cfg.m_minus, cfg.lambda_)
 
     def objective(self, out: ModelOutput, x: Tensor, y: Tensor) -> Tensor:
         loss = self.margin_loss(out.scores, y).mean()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capsbench.core.config import opt
 from capsbench.models.base import BenchModel, ModelOutput
 
 
@@ -34,10 +35,10 @@ class CNNClassifier(BenchModel):
 
 @dataclass(frozen=True)
 class CNNConfig:
-    input_size: int = 28
-    in_channels: int = 1
-    num_classes: int = 10
-    dropout: float = 0.5
+    input_size: int = opt(28, ge=1)
+    in_channels: int = opt(1, ge=1)
+    num_classes: int = opt(10, ge=2)
+    dropout: float = opt(0.5, ge=0, lt=1)
 
 
 def paper_cnn(cfg: CNNConfig) -> CNNClassifier:

@@ -12,8 +12,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import pandas as pd
 import seaborn as sns
@@ -23,65 +23,33 @@ from matplotlib.ticker import NullLocator
 from tqdm.auto import tqdm
 
 from capsbench.core.allocator import cpu_allocator_tuned
-from capsbench.core.device import describe
-from capsbench.core.errors import CapsbenchError
+from capsbench.core.config import Precision, opt, weight_fields
+from capsbench.core.device import amp_dtype, describe
+from capsbench.core.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
 from capsbench.models import BenchModel, CapsNet, CapsNetConfig, build_model
 from capsbench.parts.base import Check, PartResult, RunContext, part
 from capsbench.report.format import markdown_table
-from capsbench.core.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
-from capsbench.train.step import InferStep, StepOptions, TrainStep, check_compile_mode
+from capsbench.train.step import CompileMode, InferStep, StepOptions, TrainStep
 
-MODES = ("train", "inference")
-DTYPES = ("auto", "fp32", "bf16")
+Mode = Literal["train", "inference"]
 PAPER_MACS = 203e6  # CapsNet forward MACs per 28x28 image (shared/capsnet-facts.md)
-# CapsNet settings that change its MAC count; the paper's values are CapsNetConfig's defaults.
-ARCH_FIELDS = ("input_size", "in_channels", "num_classes", "conv_channels", "primary_types", "primary_dim",
-               "class_dim", "routing_iters", "reconstruction", "decoder_hidden")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ThroughputConfig:
     """Keys of the ``[throughput]`` table of a suite file."""
 
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 32, 128, 512])
-    warmup: int = 3  # untimed steps before the timed ones (allocator, cuDNN and autotuning warm-up)
-    repeats: int = 10  # timed steps per setting; the median and IQR are reported
-    modes: list[str] = field(default_factory=lambda: ["train", "inference"])
-    routing_iters: list[int] = field(default_factory=lambda: [1, 2, 3, 5])  # CapsNet cost vs iterations
-    routing_batch_size: int = 128  # the one batch size of the routing sweep
-    dtypes: list[str] = field(default_factory=lambda: ["auto"])  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    compile: list[bool] = field(default_factory=lambda: [False])  # torch.compile forward + loss
-    compile_mode: str = "default"  # inductor mode of the compiled settings (reduce-overhead: CUDA graphs)
-    channels_last: list[bool] = field(default_factory=lambda: [False])  # NHWC convolutions
-    max_seconds: float = 60.0  # per model and sweep: larger batch sizes are skipped once spent
-
-    def validate(self, where: str) -> None:
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise CapsbenchError(f"{where}.batch_sizes must be a non-empty list of integers >= 1, got {self.batch_sizes}")
-        if self.warmup < 0:
-            raise CapsbenchError(f"{where}.warmup must be >= 0, got {self.warmup}")
-        if self.repeats < 1:
-            raise CapsbenchError(f"{where}.repeats must be >= 1 (5 or more recommended), got {self.repeats}")
-        if not self.modes or set(self.modes) - set(MODES):
-            raise CapsbenchError(f"{where}.modes must be a non-empty subset of {list(MODES)}, got {self.modes}")
-        if any(r < 1 for r in self.routing_iters) or self.routing_batch_size < 1:
-            raise CapsbenchError(f"{where}.routing_iters and routing_batch_size must be >= 1, "
-                                 f"got {self.routing_iters} and {self.routing_batch_size}")  # fmt: skip
-        if not self.dtypes or set(self.dtypes) - set(DTYPES):
-            raise CapsbenchError(f"{where}.dtypes must be a non-empty subset of {list(DTYPES)}, got {self.dtypes}")
-        for key in ("compile", "channels_last"):
-            if not getattr(self, key):
-                raise CapsbenchError(f"{where}.{key} must list at least one of false, true")
-        check_compile_mode(self.compile_mode, f"{where}.compile_mode")
-        if not self.max_seconds > 0:
-            raise CapsbenchError(f"{where}.max_seconds must be > 0, got {self.max_seconds}")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of a ``dtypes`` entry; None = plain fp32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if name == "bf16" else None
+    batch_sizes: list[int] = opt(factory=lambda: [1, 32, 128, 512], ge=1, nonempty=True)
+    warmup: int = opt(3, ge=0)  # untimed steps before the timed ones (allocator, cuDNN and autotuning warm-up)
+    repeats: int = opt(10, ge=1)  # timed steps per setting (5 or more recommended); the median and IQR are reported
+    modes: list[Mode] = opt(factory=lambda: ["train", "inference"], nonempty=True)
+    routing_iters: list[int] = opt(factory=lambda: [1, 2, 3, 5], ge=1)  # CapsNet cost vs iterations
+    routing_batch_size: int = opt(128, ge=1)  # the one batch size of the routing sweep
+    dtypes: list[Precision] = opt(factory=lambda: ["auto"], nonempty=True)  # auto: bf16 on CUDA, fp32 on the CPU
+    compile: list[bool] = opt(factory=lambda: [False], nonempty=True)  # torch.compile forward + loss
+    compile_mode: CompileMode = "default"  # inductor mode of the compiled settings (reduce-overhead: CUDA graphs)
+    channels_last: list[bool] = opt(factory=lambda: [False], nonempty=True)  # NHWC convolutions
+    max_seconds: float = opt(60.0, gt=0)  # per model and sweep: larger batch sizes are skipped once spent
 
 
 def dtype_label(dtype: torch.dtype | None) -> str:
@@ -223,7 +191,7 @@ def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputCo
             oom.append(f"{mode} {batch}")
             continue
         budget.record(key, batch, r["step_ms_median"])
-        rows.append({**static, **r, "model": name, "mode": mode, "dtype": dtype_label(resolve_dtype(dname, ctx.device)),
+        rows.append({**static, **r, "model": name, "mode": mode, "dtype": dtype_label(amp_dtype(ctx.device, dname)),
                      "batch_size": batch, "compile": compiled, "compile_mode": cfg.compile_mode if compiled else "",
                      "channels_last": nhwc})  # fmt: skip
     if skipped:
@@ -244,7 +212,7 @@ ROUTING_COLUMNS = ["model", "routing_iters", "mode", "batch_size", "samples_per_
 def measure_setting(model: BenchModel, mode: str, batch: int, ctx: RunContext, cfg: ThroughputConfig, dname: str,
                     compiled: bool, channels_last: bool) -> tuple[dict[str, float] | None, str]:  # fmt: skip
     """(``measure``'s result, "") or, when torch.compile fails, (None, what failed)."""
-    options = StepOptions(ctx.device, resolve_dtype(dname, ctx.device), compiled, cfg.compile_mode, channels_last)
+    options = StepOptions(ctx.device, amp_dtype(ctx.device, dname), compiled, cfg.compile_mode, channels_last)
     try:
         return measure(model, mode, batch, options, cfg, ctx.seed), ""
     except CompileFailed as e:
@@ -267,7 +235,7 @@ def with_routing_iters(name: str, tm: Any, iters: int, device: torch.device) -> 
 
 def routing_sweep(name: str, tm: Any, ctx: RunContext, cfg: ThroughputConfig, notes: list[str]) -> list[dict[str, Any]]:
     """CapsNet images/s at ``routing_batch_size`` for each routing-iteration count (first dtype, eager)."""
-    dtype, batch = resolve_dtype(cfg.dtypes[0], ctx.device), cfg.routing_batch_size
+    dtype, batch = amp_dtype(ctx.device, cfg.dtypes[0]), cfg.routing_batch_size
     budget, rows, skipped = Budget(cfg.max_seconds, cfg.warmup + cfg.repeats), [], []
     for iters in tqdm(sorted(set(cfg.routing_iters)), desc=f"routing {name}", disable=not ctx.progress,
                       file=sys.stderr, dynamic_ncols=True):  # fmt: skip
@@ -313,8 +281,7 @@ def is_paper_capsnet(model: BenchModel) -> bool:
     """The paper's MNIST CapsNet at 28x28, the configuration whose MACs the facts file states."""
     if not isinstance(model, CapsNet):
         return False
-    paper = CapsNetConfig()
-    return all(getattr(model.cfg, f) == getattr(paper, f) for f in ARCH_FIELDS)
+    return weight_fields(model.cfg) == weight_fields(CapsNetConfig())  # speed options aside
 
 
 def macs_checks(ctx: RunContext, df: pd.DataFrame) -> list[Check]:
