@@ -185,7 +185,7 @@ def prepare(r: Resolved, req: RunRequest, trained: bool = True):
 
 def clean_table(ctx: RunContext):
     """Clean test accuracy of every model on the run's test images."""
-    from capsbench.train.trainer import evaluate
+    from capsbench.train.tasks import evaluate
 
     rows = []
     for name, tm in ctx.models.items():

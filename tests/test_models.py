@@ -123,6 +123,20 @@ def test_margin_loss_against_hand_computed_values():
     torch.testing.assert_close(model.margin_loss(lengths, y), expected)
 
 
+def test_one_margin_loss_for_one_hot_and_two_hot_targets():
+    """CapsNet's loss is the shared margin_loss with a one-hot target; a two-hot target (MultiMNIST)
+    is the sum of the two one-hot present terms with only the other classes absent."""
+    from capsbench.models.losses import margin_loss
+
+    model = build_model("capsnet", **TINY_CAPS, m_plus=0.8, m_minus=0.2, lambda_=0.25)
+    lengths, y = torch.rand(5, 10), torch.tensor([0, 3, 9, 3, 1])
+    one_hot = torch.nn.functional.one_hot(y, 10).float()
+    assert torch.equal(model.margin_loss(lengths, y), margin_loss(lengths, one_hot, 0.8, 0.2, 0.25))
+    two_hot = torch.tensor([[1.0, 1.0, 0, 0]])
+    l4 = torch.tensor([[0.5, 0.7, 0.3, 0.05]])  # present: 0.4^2 + 0.2^2; absent: 0.5 * 0.2^2
+    assert margin_loss(l4, two_hot).item() == pytest.approx(0.16 + 0.04 + 0.5 * 0.04)
+
+
 def test_reconstruction_loss_is_sum_of_squares_times_0_0005():
     model = build_model("capsnet", **TINY_CAPS)
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([1, 2])

@@ -25,7 +25,7 @@ from torch import nn
 
 from capsbench.core.config import from_dict
 from capsbench.core.errors import CapsbenchError
-from capsbench.models import MODELS, build_model
+from capsbench.models import MODELS, ModelOutput, build_model
 from capsbench.train.config import TrainConfig
 from capsbench.train.step import CompileOrEager, InferStep, StepOptions, TrainStep, to_channels_last
 
@@ -164,6 +164,34 @@ def test_inductor_compiled_step_matches_eager():
         pytest.skip(f"torch.compile unavailable here: {step.failure}")
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=0)
     assert_grads_close(grads_c, grads, 1e-4)
+
+
+def test_a_loss_hook_replaces_the_objective_and_multi_label_hits_count_both():
+    """TrainStep's loss hook (MultiMNIST's) gets the whole batch; the default hook is the model's
+    objective; for (B, 2) labels the step counts images whose two highest scores are the labels."""
+    from capsbench.train.step import hits, objective
+
+    model, (x, y) = capsnet(), batch(4)
+    loss, correct, grads, _ = one_step(model, StepOptions(CPU), x, y)
+    seen = []
+
+    def hook(m, b):
+        seen.append(len(b))
+        return objective(m, b[:2])
+
+    loss_h, correct_h, grads_h, step = one_step_with(model, StepOptions(CPU), hook, x, y, torch.zeros(4))
+    assert seen == [3] and torch.equal(loss_h, loss) and correct_h == correct
+    assert_grads_close(grads_h, grads, 0.0)
+    out = ModelOutput(torch.tensor([[0.9, 0.8, 0.1], [0.9, 0.1, 0.8], [0.1, 0.2, 0.3]]))
+    assert hits(out, torch.tensor([[1, 0], [0, 1], [2, 1]])).item() == 2
+    assert hits(out, torch.tensor([0, 2, 2])).item() == 2
+
+
+def one_step_with(model: nn.Module, options: StepOptions, loss, *batch_: torch.Tensor):
+    m = copy.deepcopy(model).train()
+    step = TrainStep(m, torch.optim.Adam(m.parameters(), lr=1e-3), options, loss)
+    out_loss, correct = step(*batch_)
+    return out_loss, correct, {n: p.grad.clone() for n, p in m.named_parameters()}, step
 
 
 def test_channels_last_converts_only_convolution_weights_in_place():

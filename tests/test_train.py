@@ -12,6 +12,9 @@ from capsbench.models import build_model
 from capsbench.train import checkpoint
 from capsbench.train.cache import cache_key, get_trained
 from capsbench.train.config import train_config
+from capsbench.train.divergence import check_loss
+from capsbench.train.schedules import SCHEDULES, Schedule, make_optimizer
+from capsbench.train.tasks import MnistTask
 from capsbench.train.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -21,7 +24,7 @@ TINY_CAPS = dict(conv_channels=16, primary_types=4)
 def _train(fake, cfg, ckpt=None, seed=0, name="cnn-pooled", opts=None):
     torch.manual_seed(seed)
     model = build_model(name, **(opts or {}))
-    return model, Trainer(model, cfg, fake, CPU, ckpt, progress=False).run()
+    return model, Trainer(model, MnistTask(cfg, fake, CPU), ckpt, progress=False).run()
 
 
 def test_training_lifts_accuracy_far_above_chance(fake_mnist):
@@ -41,13 +44,13 @@ def test_resume_after_interrupt_gives_identical_weights(fake_mnist, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     torch.manual_seed(0)
     model = build_model("cnn-pooled")
-    trainer = Trainer(model, cfg, fake_mnist, CPU, ckpt, progress=False)
+    trainer = Trainer(model, MnistTask(cfg, fake_mnist, CPU), ckpt, progress=False)
     real_step = trainer.train_step
 
-    def dying_step(idx):  # dies in the middle of step 8, after the checkpoint at step 5
+    def dying_step(batch):  # dies in the middle of step 8, after the checkpoint at step 5
         if trainer.step == 7:
             raise Killed
-        return real_step(idx)
+        return real_step(batch)
 
     trainer.train_step = dying_step
     with pytest.raises(Killed):
@@ -68,17 +71,75 @@ def test_nan_loss_is_a_clear_error(fake_mnist):
 
 def test_protocol_must_match_the_model_input(fake_mnist):
     with pytest.raises(CapsbenchError, match="does not match the training protocol"):
-        Trainer(build_model("cnn-pooled", input_size=40), train_config("smoke"), fake_mnist, CPU, progress=False)
+        Trainer(build_model("cnn-pooled", input_size=40), MnistTask(train_config("smoke"), fake_mnist, CPU),
+                progress=False)
+
+
+# ---- the schedule registry and the divergence check ---------------------------------------
+
+
+def test_schedule_registry_holds_paper_and_onecycle():
+    assert SCHEDULES.names() == ["onecycle", "paper"]
+    with pytest.raises(CapsbenchError, match="unknown lr schedule 'linear'; known lr schedules: onecycle, paper"):
+        make_optimizer(torch.nn.Linear(2, 1), 1e-3, Schedule("linear"), CPU)
+
+
+def test_paper_schedule_is_the_continuous_exponential_decay():
+    s = Schedule("paper", 0.96, 2000)
+    for step in (0, 1, 999, 2000, 4000, 12345):
+        assert s.factor(step) == 0.96 ** (step / 2000)  # exactly the former LambdaLR(opt, lambda s: decay ** (s / every))
+    assert Schedule("paper", 0.5, 10).factor(20) == 0.25
+
+
+def test_onecycle_schedule_values():
+    s = Schedule("onecycle", warmup_steps=4, max_steps=14)
+    assert [s.factor(k) for k in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup, the first step already moves
+    assert s.factor(4) == 1.0 and s.factor(9) == pytest.approx(0.5) and s.factor(14) == pytest.approx(0.0, abs=1e-15)
+    assert s.factor(100) == pytest.approx(0.0, abs=1e-15)  # 0 after the budget
+    assert Schedule("paper", 0.96, 2000, warmup_steps=4).factor(4 + 2000) == pytest.approx(0.96)  # decay after the warmup
+
+
+def test_the_optimizer_steps_at_the_scheduled_rate():
+    model = torch.nn.Linear(2, 1)
+    s = Schedule("paper", 0.5, 3)
+    opt, sched = make_optimizer(model, 0.1, s, CPU)
+    assert isinstance(opt, torch.optim.Adam) and not opt.defaults["fused"]  # fused on CUDA only
+    for k in range(7):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * s.factor(k))
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        sched.step()
+    assert sched.state_dict()["lr_lambdas"] == [None]  # a plain function: checkpoints hold no schedule object
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf")])
+def test_the_divergence_check_names_the_run_the_step_and_the_fix(loss):
+    with pytest.raises(CapsbenchError) as e:
+        check_loss(loss, "multimnist capsnet", 40, "multimnist.lr", "train.amp")
+    assert str(e.value) == (f"multimnist capsnet diverged: loss is {loss} at step 40; lower the learning rate "
+                            "(--set multimnist.lr=...) or train in fp32 (--set train.amp=fp32)")  # fmt: skip
+    with pytest.raises(CapsbenchError, match=r"^training diverged: .* \(--set train.lr=...\) .* \(--set train.amp=fp32\)$"):
+        check_loss(loss, "", 3)
+    check_loss(1e30, "fine", 1)  # large is not diverged
+
+
+def test_epoch_order_is_the_host_randperm_of_the_derived_seed():
+    from capsbench.core.seeds import derive_seed
+    from capsbench.train.tasks import epoch_order
+
+    expected = torch.randperm(50, generator=torch.Generator().manual_seed(derive_seed(3, 2)))
+    assert torch.equal(epoch_order(50, 3, 2, CPU), expected)
+    assert not torch.equal(epoch_order(50, 3, 1, CPU), expected)
 
 
 def test_cache_key_depends_on_what_determines_weights():
     cfg = train_config("smoke")
-    base = cache_key("capsnet", {"a": 1}, cfg, CPU)
-    assert base == cache_key("capsnet", {"a": 1}, train_config("smoke", log_every=7, checkpoint_every=3), CPU)
-    assert base != cache_key("capsnet", {"a": 1}, train_config("smoke", seed=1), CPU)
-    assert base != cache_key("capsnet", {"a": 2}, cfg, CPU)
-    assert base != cache_key("capsnet", {"a": 1}, train_config("smoke", augment="canvas"), CPU)
-    assert base != cache_key("capsnet", {"a": 1}, cfg, torch.device("cuda"))
+    base = cache_key("capsnet", {"routing_iters": 1}, cfg, CPU)
+    assert base == cache_key("capsnet", {"routing_iters": 1}, train_config("smoke", log_every=7, checkpoint_every=3), CPU)
+    assert base != cache_key("capsnet", {"routing_iters": 1}, train_config("smoke", seed=1), CPU)
+    assert base != cache_key("capsnet", {"routing_iters": 3}, cfg, CPU)
+    assert base != cache_key("capsnet", {"routing_iters": 1}, train_config("smoke", augment="canvas"), CPU)
+    assert base != cache_key("capsnet", {"routing_iters": 1}, cfg, torch.device("cuda"))
 
 
 def test_cache_returns_identical_weights_without_training(fake_mnist, cache_root):
@@ -134,13 +195,15 @@ KILL_SCRIPT = """
 import sys, torch
 from capsbench.models import build_model
 from capsbench.train.config import train_config
+from capsbench.train.tasks import MnistTask
 from capsbench.train.trainer import Trainer
 from tests.conftest import FakeMNIST, synthetic_digits
 tx, ty = synthetic_digits(2048, 0)
 vx, vy = synthetic_digits(256, 1)
 torch.manual_seed(0)
 cfg = train_config("smoke", steps=80, checkpoint_every=10, log_every=5, test_subset=64)
-Trainer(build_model("cnn-pooled"), cfg, FakeMNIST(tx, ty, vx, vy), torch.device("cpu"), sys.argv[1], progress=False).run()
+task = MnistTask(cfg, FakeMNIST(tx, ty, vx, vy), torch.device("cpu"))
+Trainer(build_model("cnn-pooled"), task, sys.argv[1], progress=False).run()
 """
 
 

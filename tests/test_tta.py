@@ -8,6 +8,7 @@ import dataclasses
 import math
 import shutil
 import types
+import typing
 
 import pandas as pd
 import pytest
@@ -16,8 +17,9 @@ import torch
 from capsbench.core.config import from_dict
 from capsbench.core.errors import CapsbenchError
 from capsbench.parts.base import PARTS, RunContext
-from capsbench.parts.tta import TimeToAccuracyConfig, lr_factor, make_optimizer, median_time, run_tta
+from capsbench.parts.tta import TimedTask, TimeToAccuracyConfig, lr_schedule, median_time, run_tta
 from capsbench.train.config import TrainConfig
+from capsbench.train.schedules import SCHEDULES, make_optimizer
 from capsbench.train.trainer import Trainer
 
 TINY = {"conv_channels": 16, "primary_types": 4, "primary_dim": 4, "class_dim": 8, "decoder_hidden": (32, 64)}
@@ -43,6 +45,16 @@ def noisy_labels(fake_mnist):
 # ---- schedule ------------------------------------------------------------------------------
 
 
+def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int) -> float:
+    """The part's lr multiplier for 0-based ``step`` (its registered schedule after the warmup)."""
+    cfg = TimeToAccuracyConfig(schedule=schedule, warmup_steps=warmup_steps, max_steps=max_steps)
+    return lr_schedule(cfg).factor(step)
+
+
+def test_the_config_offers_exactly_the_registered_schedules():
+    assert set(typing.get_args(typing.get_type_hints(TimeToAccuracyConfig)["schedule"])) == set(SCHEDULES.names())
+
+
 def test_onecycle_warms_up_linearly_then_decays_to_zero():
     w, total = 10, 110
     f = [lr_factor(s, "onecycle", w, total) for s in range(total)]
@@ -64,12 +76,32 @@ def test_paper_schedule_is_the_papers_decay_after_warmup():
 def test_optimizer_steps_at_the_scheduled_learning_rate():
     cfg = TimeToAccuracyConfig(lr=0.01, warmup_steps=3, max_steps=20)
     model = torch.nn.Linear(2, 1)
-    opt, sched = make_optimizer(model, cfg, torch.device("cpu"))
+    opt, sched = make_optimizer(model, cfg.lr, lr_schedule(cfg), torch.device("cpu"))
     for k in range(20):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * lr_factor(k, "onecycle", 3, 20))
         model(torch.ones(1, 2)).sum().backward()
         opt.step()
         sched.step()
+
+
+def test_tta_orders_are_device_randperms_of_one_generator_per_repeat(fake_mnist):
+    """Each epoch's order: torch.randperm on the device from a generator seeded with the repeat's
+    seed, drawn at the epoch's start; reseeding for the next repeat starts the sequence again."""
+    cfg = TimeToAccuracyConfig(**FAST)  # 256 training images, batch 16: 16 steps per epoch
+    task = TimedTask(cfg, fake_mnist, torch.device("cpu"), seed=7)
+    gen = torch.Generator().manual_seed(7)
+    first, second = torch.randperm(256, generator=gen), torch.randperm(256, generator=gen)
+    task.batch(0)
+    assert torch.equal(task.order, first)
+    task.batch(15)
+    assert torch.equal(task.order, first)
+    task.batch(16)
+    assert torch.equal(task.order, second)
+    task.reseed(7)
+    task.batch(0)
+    assert torch.equal(task.order, first)
+    assert [task.eval_due(s) for s in (1, 2, 3, 12)] == [False, True, False, True]  # every eval_every, and the last
+    assert task.log_every == task.checkpoint_every == 2  # the loss is read at the evaluations only
 
 
 def test_median_time_counts_misses_as_infinitely_slow():
@@ -150,7 +182,7 @@ def test_first_evaluation_counts(fake_mnist):
 
 def test_diverged_loss_is_a_one_line_error(fake_mnist, monkeypatch):
     step = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step", lambda self, idx: (step(self, idx)[0] * math.nan, torch.tensor(0)))
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: (step(self, batch)[0] * math.nan, torch.tensor(0)))
     with pytest.raises(CapsbenchError, match="diverged: loss is nan at step 2; lower the learning rate"):
         run_tta(context(fake_mnist), TimeToAccuracyConfig(target=0.9, **FAST))
 
@@ -192,8 +224,8 @@ def test_batch_larger_than_the_training_set_is_refused(fake_mnist):
 
 @pytest.mark.parametrize("preset", ["full", "quick", "smoke"])
 def test_suite_file_resolves_for_every_preset(preset):
-    from capsbench.suite import RunRequest, find_suite, read_suite, resolve
     from capsbench.parts import load_parts
+    from capsbench.suite import RunRequest, find_suite, read_suite, resolve
 
     load_parts()
     r = resolve(read_suite(find_suite("tta")), "tta", RunRequest("tta", preset=preset, device="cpu"))

@@ -56,7 +56,7 @@ class RunContext:
 
     def test_inputs(self, x_u8: Tensor) -> Tensor:
         """Raw digits -> model inputs (B, 1, S, S) in [0, 1]: 28x28, or centred on the canvas."""
-        from capsbench.train.trainer import test_inputs
+        from capsbench.train.tasks import test_inputs
 
         return test_inputs(self.train_cfg, x_u8)
 

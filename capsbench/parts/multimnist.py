@@ -5,20 +5,16 @@ is the two highest class scores; an image is wrong when either digit is (``two_d
 
 Losses: CapsNet, the margin loss with a two-hot target plus 0.0005 x the per-image squared error of
 each digit's reconstruction (decoder masked to that digit's capsule, compared with that digit
-alone); the CNNs, per-class binary cross-entropy on the two-hot target (sigmoid outputs). Trained
-models are cached beside capsbench.train.cache's, as ``models/multimnist-<model>-<key>``.
+alone); the CNNs, per-class binary cross-entropy on the two-hot target (sigmoid outputs). Training
+runs on the one Trainer (``MultiMnistTask``: the shared step, so the run's compile and
+channels_last options apply); the models are cached by capsbench.train.cache's ``get_trained``
+(``MultiMnistRecipe``), as ``models/multimnist-<model>-<key>``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pandas as pd
 import seaborn as sns
@@ -26,23 +22,23 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from capsbench.core import atomic
-from capsbench.data.multimnist import COMBINES, multimnist, two_digit_error
-from capsbench.core.device import autocast
-from capsbench.core.env import environment
+from capsbench.core.config import opt, weight_fields
 from capsbench.core.errors import CapsbenchError
-from capsbench.core.lock import file_lock
-from capsbench.models import BenchModel, CapsNet, build_model, model_options
+from capsbench.core.seeds import derive_seed
+from capsbench.data.multimnist import Combine, multimnist, two_digit_error
+from capsbench.models import BenchModel, CapsNet, ModelOutput, build_model, model_options
+from capsbench.models.losses import margin_loss
+from capsbench.models.scoring import batch_scores
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.report.format import checks_footer, markdown_table
 from capsbench.report.plots import example_grid
 from capsbench.report.stats import wilson_interval
-from capsbench.parts.base import Check, PartResult, RunContext, part
-from capsbench.report.format import markdown_table
-from capsbench.train import checkpoint
-from capsbench.train.cache import TrainedModel, model_folder
+from capsbench.train.cache import TrainedModel, get_trained
 from capsbench.train.config import TrainConfig
-from capsbench.train.trainer import make_optimizer
+from capsbench.train.schedules import Schedule
+from capsbench.train.step import StepOptions
+from capsbench.train.tasks import Task
 
 # Bump when a change to this file's training code changes the weights it produces.
 MULTIMNIST_CODE_VERSION = 1
@@ -50,36 +46,22 @@ TEST_SEED = 171009829  # the test images: fixed for every run and seed (the pape
 PAPER_ERROR = {"capsnet": 0.052, "baseline CNN": 0.081}  # section 6, after far longer training
 
 
-POSITIVE = ("steps", "batch_size", "lr_decay_steps", "test_n", "log_every", "checkpoint_every", "batch_size_eval")
 
 
 @dataclass(frozen=True)
 class MultiMNISTConfig:
-    steps: int = 500  # a reduced run: the paper trains far longer (its MNIST runs take 300k steps)
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_decay: float = 0.96  # multiplied into the lr every lr_decay_steps, continuously
-    lr_decay_steps: int = 2000
-    max_shift: int = 4  # each digit shifted by up to this many px; canvas 28 + 2 x max_shift
-    combine: str = "max"  # overlay: pixel-wise max, or sum clipped to 1
-    test_n: int = 1000  # test images, made from the MNIST test digits with a fixed seed
-    log_every: int = 50  # steps between host reads of the loss (the only syncs while training)
-    checkpoint_every: int = 250
-    examples: int = 6  # test images in the example figure (0 = no figure)
-    batch_size_eval: int = 250
-
-    def validate(self, where: str) -> None:
-        for key in POSITIVE:
-            if getattr(self, key) < 1:
-                raise CapsbenchError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        if not (self.lr > 0 and 0 < self.lr_decay <= 1):
-            raise CapsbenchError(f"{where}: lr must be > 0 and lr_decay in (0, 1], got {self.lr}, {self.lr_decay}")
-        if not 0 <= self.max_shift <= 16:
-            raise CapsbenchError(f"{where}.max_shift must be in 0..16 px (the paper: 4), got {self.max_shift}")
-        if self.combine not in COMBINES:
-            raise CapsbenchError(f"{where}.combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
-        if self.examples < 0:
-            raise CapsbenchError(f"{where}.examples must be >= 0, got {self.examples}")
+    steps: int = opt(500, ge=1)  # a reduced run: the paper trains far longer (its MNIST runs take 300k steps)
+    batch_size: int = opt(32, ge=1)
+    lr: float = opt(1e-3, gt=0)
+    lr_decay: float = opt(0.96, gt=0, le=1)  # multiplied into the lr every lr_decay_steps, continuously
+    lr_decay_steps: int = opt(2000, ge=1)
+    max_shift: int = opt(4, ge=0, le=16)  # each digit shifted by up to this many px (the paper: 4); canvas 28 + 2 x it
+    combine: Combine = "max"  # overlay: pixel-wise max, or sum clipped to 1
+    test_n: int = opt(1000, ge=1, in_key=False)  # test images, made from the MNIST test digits with a fixed seed
+    log_every: int = opt(50, ge=1, in_key=False)  # steps between host reads of the loss (the only syncs while training)
+    checkpoint_every: int = opt(250, ge=1, in_key=False)
+    examples: int = opt(6, ge=0, in_key=False)  # test images in the example figure (0 = no figure)
+    batch_size_eval: int = opt(250, ge=1, in_key=False)
 
     @property
     def input_size(self) -> int:
@@ -87,10 +69,7 @@ class MultiMNISTConfig:
 
     def weight_key(self) -> dict[str, Any]:
         """The fields that determine the trained weights (evaluation and logging cadence do not)."""
-        d = asdict(self)
-        for k in ("test_n", "log_every", "checkpoint_every", "examples", "batch_size_eval"):
-            d.pop(k)
-        return d
+        return weight_fields(self)
 
 
 # ---- losses -------------------------------------------------------------------------------
@@ -101,37 +80,29 @@ def two_hot(labels: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(labels, num_classes).sum(dim=1).float()
 
 
-def multi_margin_loss(lengths: Tensor, target: Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
-                      lambda_: float = 0.5) -> Tensor:  # fmt: skip
-    """Per-image margin loss (B,) for a multi-hot target T (B, C): paper eq. 4 with T_k = 1 for
-    every digit present, summed over classes."""
-    present = target * F.relu(m_plus - lengths) ** 2
-    absent = lambda_ * (1 - target) * F.relu(lengths - m_minus) ** 2
-    return (present + absent).sum(dim=1)
-
-
-def capsnet_loss(model: CapsNet, x: Tensor, labels: Tensor, layers: Tensor) -> Tensor:
+def capsnet_loss(model: CapsNet, x: Tensor, labels: Tensor, layers: Tensor) -> tuple[Tensor, ModelOutput]:
     """Two-hot margin loss + recon_weight x sum over both digits of the per-image SSE between the
-    digit's reconstruction and that digit alone (``layers`` (B, 2, 1, S, S)); batch mean."""
+    digit's reconstruction and that digit alone (``layers`` (B, 2, 1, S, S)); batch mean, and the outputs."""
     cfg = model.cfg
     out = model(x, labels[:, 0])  # in training mode the decoder is masked to the first digit
-    target = two_hot(labels, model.num_classes)
-    loss = multi_margin_loss(out.scores.float(), target, cfg.m_plus, cfg.m_minus, cfg.lambda_)
+    target = two_hot(labels, model.num_classes)  # (B, C)
+    loss = margin_loss(out.scores.float(), target, cfg.m_plus, cfg.m_minus, cfg.lambda_)  # (B,)
     if model.decoder is None:
-        return loss.mean()
-    recons = (out.reconstruction, model.decode(out.capsules, labels[:, 1]))
+        return loss.mean(), out
+    recons = (out.reconstruction, model.decode(out.capsules, labels[:, 1]))  # 2 x (B, S*S)
     sse = sum(((r.float() - layers[:, k].flatten(1)) ** 2).sum(dim=1) for k, r in enumerate(recons))
-    return (loss + cfg.recon_weight * sse).mean()
+    return (loss + cfg.recon_weight * sse).mean(), out
 
 
-def multilabel_loss(model: BenchModel, x: Tensor, labels: Tensor, layers: Tensor) -> Tensor:
-    """The MultiMNIST training loss (batch mean): CapsNet's above; any other model's scores are
-    logits of independent sigmoids, trained with binary cross-entropy summed over classes."""
+def multilabel_loss(model: BenchModel, x: Tensor, labels: Tensor, layers: Tensor) -> tuple[Tensor, ModelOutput]:
+    """The MultiMNIST training loss (batch mean) and the outputs: CapsNet's above; any other model's
+    scores are logits of independent sigmoids, trained with binary cross-entropy summed over classes."""
     if isinstance(model, CapsNet):
         return capsnet_loss(model, x, labels, layers)
-    logits = model(x).scores.float()
+    out = model(x)
+    logits = out.scores.float()  # (B, C)
     bce = F.binary_cross_entropy_with_logits(logits, two_hot(labels, model.num_classes), reduction="none")
-    return bce.sum(dim=1).mean()
+    return bce.sum(dim=1).mean(), out
 
 
 # ---- training -----------------------------------------------------------------------------
@@ -139,7 +110,7 @@ def multilabel_loss(model: BenchModel, x: Tensor, labels: Tensor, layers: Tensor
 
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A seed for one step's random draws (stream 0: the batch, 1: dropout); (seed, step) only."""
-    return (seed * 1_000_003 + step) * 2 + stream
+    return derive_seed(seed, step) * 2 + stream
 
 
 def train_batch(x_u8: Tensor, y_cpu: Tensor, cfg: MultiMNISTConfig, seed: int, step: int,
@@ -150,116 +121,64 @@ def train_batch(x_u8: Tensor, y_cpu: Tensor, cfg: MultiMNISTConfig, seed: int, s
     return images, labels, p["layers"]
 
 
-class MultiTrainer:
-    """Trains one model on MultiMNIST batches generated on ``device``; resumes from ``ckpt_path``.
+class MultiMnistTask(Task):
+    """MultiMNIST for the one Trainer: every step's batch and dropout draws are functions of
+    (seed, step), so a resumed run reaches the same weights as an uninterrupted one without saving
+    any random state; the loss is ``multilabel_loss``; no evaluation while training."""
 
-    Every step's batch and dropout draws are functions of (seed, step), so a resumed run reaches
-    the same weights as an uninterrupted one without saving any random state."""
+    def __init__(self, cfg: MultiMNISTConfig, data: Any, seed: int, options: StepOptions) -> None:
+        super().__init__(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, options=options,
+                         schedule=Schedule("paper", cfg.lr_decay, cfg.lr_decay_steps), log_every=cfg.log_every,
+                         checkpoint_every=cfg.checkpoint_every, input_size=cfg.input_size,
+                         protocol=f"MultiMNIST, max_shift={cfg.max_shift}", lr_key="multimnist.lr")  # fmt: skip
+        self.cfg, self.seed = cfg, seed
+        self.train_x = data.train_x.to(options.device)
+        self.train_y = data.train_y.cpu()  # the generator draws on the host: no device-to-host copy per step
 
-    def __init__(self, model: BenchModel, cfg: MultiMNISTConfig, ctx: RunContext, ckpt_path: Path, label: str) -> None:
-        self.model, self.cfg, self.device, self.dtype = model.to(ctx.device), cfg, ctx.device, ctx.dtype
-        self.seed, self.ckpt_path, self.label, self.progress = ctx.seed, ckpt_path, label, ctx.progress
-        self.train_x = ctx.data.train_x.to(ctx.device)
-        self.train_y = ctx.data.train_y.cpu()  # the generator draws on the host: no device-to-host copy per step
-        schedule = TrainConfig(lr=cfg.lr, lr_decay=cfg.lr_decay, lr_decay_steps=cfg.lr_decay_steps)
-        self.opt, self.sched = make_optimizer(model, schedule, ctx.device)
-        self.step, self.train_time, self.history = 0, 0.0, []
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        x, labels, layers = train_batch(self.train_x, self.train_y, self.cfg, self.seed, step)
+        torch.manual_seed(step_seed(self.seed, step, 1))  # dropout
+        return x, labels, layers
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "step": self.step, "train_time": self.train_time, "history": self.history,
-        }  # fmt: skip
-
-    def resume(self) -> bool:
-        if not self.ckpt_path.exists():
-            return False
-        s = checkpoint.load(self.ckpt_path, map_location=self.device)
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optimizer"])
-        self.sched.load_state_dict(s["scheduler"])
-        self.step, self.train_time, self.history = s["step"], s["train_time"], s["history"]
-        return True
-
-    def train_step(self) -> Tensor:
-        """One optimizer step; returns the loss as a device tensor (no sync)."""
-        x, labels, layers = train_batch(self.train_x, self.train_y, self.cfg, self.seed, self.step)
-        torch.manual_seed(step_seed(self.seed, self.step, 1))  # dropout
-        with autocast(self.device, self.dtype):
-            loss = multilabel_loss(self.model, x, labels, layers)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        return loss.detach()
-
-    def run(self) -> None:
-        cfg = self.cfg
-        resumed = self.resume()
-        self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.label, unit="step", disable=not self.progress,
-                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
-        if resumed:
-            bar.write(f"{self.label}: resuming from step {self.step} ({self.ckpt_path})")
-        loss_sum, since, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
-        while self.step < cfg.steps:
-            loss_sum += self.train_step()
-            self.step, since = self.step + 1, since + 1
-            save_due = self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps or save_due:
-                self._log(bar, loss_sum.item() / since, t0)  # the sync point
-                loss_sum.zero_()
-                since = 0
-                if save_due:
-                    checkpoint.save(self.ckpt_path, self.state())
-                t0 = time.perf_counter()  # checkpoint time is not training time
-        bar.close()
-
-    def _log(self, bar: tqdm, loss: float, t0: float) -> None:
-        if not math.isfinite(loss):
-            raise CapsbenchError(f"{self.label} diverged: loss is {loss} at step {self.step}; lower the learning rate "
-                                 "(--set multimnist.lr=...) or turn off bf16 (--set train.amp=off)")  # fmt: skip
-        self.train_time += time.perf_counter() - t0
-        self.history.append({"step": self.step, "train_loss": loss})
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar.update(self.step - bar.n)
+    def loss(self, model: BenchModel, batch: tuple[Tensor, ...]) -> tuple[Tensor, ModelOutput]:
+        return multilabel_loss(model, *batch)
 
 
-def cache_key(name: str, options: dict[str, Any], cfg: MultiMNISTConfig, ctx: RunContext, n_train: int) -> str:
-    """A short hash of everything that determines the weights."""
-    payload = {
-        "model": name, "options": options, "multimnist": cfg.weight_key(), "seed": ctx.seed, "train_digits": n_train,
-        "device": ctx.device.type, "precision": str(ctx.dtype), "code": MULTIMNIST_CODE_VERSION,
-    }  # fmt: skip
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class MultiMnistRecipe:
+    """``get_trained``'s MultiMNIST models, ``models/multimnist-<model>-<key>``: keyed by the
+    config, the run's seed, the number of training digits, device and precision. The run's
+    speed options (``speed``: train.compile, compile_mode, channels_last) apply, outside the key."""
 
+    cfg: MultiMNISTConfig
+    seed: int
+    dtype: torch.dtype | None  # the run's autocast dtype
+    n_train: int  # MNIST training digits the batches are drawn from
+    speed: TrainConfig
+    prefix: ClassVar[str] = "multimnist-"
 
-def get_multimnist_model(name: str, options: dict[str, Any], cfg: MultiMNISTConfig, ctx: RunContext) -> TrainedModel:
-    """The model trained on MultiMNIST, from the cache, or trained (or resumed) and cached first."""
-    key = cache_key(name, options, cfg, ctx, len(ctx.data.train_x))
-    folder = model_folder(f"multimnist-{name}", key, ctx.cache_root)
-    folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder / "lock"):
-        final = folder / "model.pt"
-        if final.exists():
-            state = checkpoint.load(final, map_location=ctx.device)
-            model = build_model(name, **options)
-            model.load_state_dict(state["model"])
-            return TrainedModel(name, model.to(ctx.device).eval(), state["meta"], cached=True)
-        torch.manual_seed(ctx.seed)  # initial weights are a function of the seed
-        model = build_model(name, **options)
-        trainer = MultiTrainer(model, cfg, ctx, folder / "checkpoint.pt", label=f"multimnist {name}")
-        trainer.run()
-        meta = {
-            "model": name, "options": options, "multimnist": cfg.weight_key(), "seed": ctx.seed, "key": key,
-            "steps": trainer.step, "train_seconds": trainer.train_time, "params": model.num_params(),
-            "history": trainer.history, "created_unix": time.time(), "env": environment(ctx.device),
-        }  # fmt: skip
-        meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only
-        checkpoint.save(final, {"model": model.state_dict(), "meta": meta})
-        atomic.write_text(folder / "meta.json", json.dumps(meta, indent=2))
-        (folder / "checkpoint.pt").unlink(missing_ok=True)
-        return TrainedModel(name, model.eval(), meta, cached=False)
+    @classmethod
+    def of(cls, cfg: MultiMNISTConfig, ctx: RunContext) -> MultiMnistRecipe:
+        return cls(cfg, ctx.seed, ctx.dtype, len(ctx.data.train_x), ctx.train_cfg)
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.input_size
+
+    def key(self, device: torch.device) -> dict[str, Any]:
+        return {"multimnist": self.cfg.weight_key(), "seed": self.seed, "train_digits": self.n_train,
+                "device": device.type, "precision": str(self.dtype), "code": MULTIMNIST_CODE_VERSION}  # fmt: skip
+
+    def meta(self) -> dict[str, Any]:
+        return {"multimnist": self.cfg.weight_key(), "seed": self.seed}
+
+    def label(self, name: str) -> str:
+        return f"multimnist {name}"
+
+    def task(self, data: Any, device: torch.device) -> MultiMnistTask:
+        sp = self.speed
+        return MultiMnistTask(self.cfg, data, self.seed,
+                              StepOptions(device, self.dtype, sp.compile, sp.compile_mode, sp.channels_last))
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -277,14 +196,6 @@ def make_test_set(ctx: RunContext, cfg: MultiMNISTConfig) -> tuple[Tensor, Tenso
     """``test_n`` MultiMNIST images from the MNIST test digits, the same for every run and seed."""
     return multimnist(ctx.data.test_x.to(ctx.device), ctx.data.test_y.cpu(), cfg.test_n, TEST_SEED,
                       cfg.max_shift, cfg.combine, layers=True)  # fmt: skip
-
-
-@torch.no_grad()
-def all_scores(model: BenchModel, x: Tensor, ctx: RunContext, batch_size: int) -> Tensor:
-    """Class scores (n, C) of ``model`` in eval mode, in batches, under the run's autocast."""
-    model.eval()
-    with autocast(ctx.device, ctx.dtype):
-        return torch.cat([model(x[i : i + batch_size]).scores.float() for i in range(0, len(x), batch_size)])
 
 
 def result_row(tm: TrainedModel, errors: int, n: int, cfg: MultiMNISTConfig, seed: int) -> dict[str, Any]:
@@ -316,7 +227,8 @@ def trained_models(ctx: RunContext, cfg: MultiMNISTConfig) -> tuple[dict[str, Tr
         except (CapsbenchError, ValueError) as e:
             skipped.append(f"{name} skipped: it cannot take {cfg.input_size}x{cfg.input_size} input ({e})")
             continue
-        models[name] = get_multimnist_model(name, options, cfg, ctx)
+        models[name] = get_trained(name, MultiMnistRecipe.of(cfg, ctx), ctx.device, options, root=ctx.cache_root,
+                                   progress=ctx.progress, data=ctx.data)  # fmt: skip
     return models, skipped
 
 
@@ -332,7 +244,7 @@ def run_multimnist(ctx: RunContext, cfg: MultiMNISTConfig) -> PartResult:
                              "(RunContext.data); the runner must pass the loaded MNIST")  # fmt: skip
     models, skipped = trained_models(ctx, cfg)
     x, labels, p = make_test_set(ctx, cfg)
-    scores = {name: all_scores(tm.model, x, ctx, cfg.batch_size_eval) for name, tm in models.items()}
+    scores = {name: batch_scores(tm.model, x, cfg.batch_size_eval, ctx.dtype) for name, tm in models.items()}
     errors = torch.stack([two_digit_error(s, labels).sum() for s in scores.values()]).tolist() if scores else []
     df = pd.DataFrame([result_row(tm, e, len(x), cfg, ctx.seed) for tm, e in zip(models.values(), errors)],
                       columns=COLUMNS)  # fmt: skip
@@ -416,7 +328,5 @@ def summary(df: pd.DataFrame, cfg: MultiMNISTConfig, skipped: list[str], checks:
         shown = df.assign(error=cells)[["model", "error", "n", "steps", "train_seconds", "from_cache"]]
         out += [markdown_table(shown), ""]
     out += [f"- {note}" for note in skipped]
-    failed = [c for c in checks if not c.passed]
-    out += [f"**Checks**: {len(checks) - len(failed)} of {len(checks)} passed."]
-    out += [f"- FAIL {c.name}: {c.detail}" for c in failed]
+    out += checks_footer(checks)
     return "\n".join(out) + "\n"

@@ -1,7 +1,7 @@
 """The `table1` part: the paper's Table 1 (MNIST test error of the baseline CNN and of CapsNet
 with 1 or 3 routing iterations, with and without reconstruction) and its parameter counts.
 
-The variants are the claims registry's (capsbench/claims.toml, part = "table1"): each error
+The variants are the claims registry's (capsbench/report/claims.toml, part = "table1"): each error
 claim names a model and its options, trained under the run's preset with the paper's 2-px shift
 augmentation and evaluated on the first ``test_n`` MNIST test digits (0 = all 10,000).
 """
@@ -12,15 +12,15 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 
+from capsbench.core.config import opt
 from capsbench.core.errors import CapsbenchError
-from capsbench.report.format import format_accuracy
 from capsbench.parts.base import PartResult, RunContext, part
-from capsbench.report.format import markdown_table
-
+from capsbench.report.format import format_accuracy, markdown_table
 
 # A model below CHANCE_FACTOR x chance accuracy did not train (e.g. its loss stuck at ln C): its
 # error says nothing about the claim, which is then inconclusive rather than "not reproduced".
@@ -29,11 +29,11 @@ CHANCE_FACTOR = 2.0
 
 @dataclass(frozen=True)
 class Table1Config:
-    claims: list[str] = field(default_factory=list)  # table1 claim ids to measure; empty = all
-    augment: str = "shift"  # the paper's MNIST protocol: shifts of up to 2 px, 28x28
-    max_shift: int = 2
-    test_n: int = 0  # 0 = the whole 10k test set, as in the paper
-    batch_size: int = 500
+    claims: list[str] = opt(factory=list)  # table1 claim ids to measure; empty = all
+    augment: Literal["shift", "none"] = "shift"  # the paper's MNIST protocol: shifts of up to 2 px, 28x28
+    max_shift: int = opt(2, ge=0)
+    test_n: int = opt(0, ge=0)  # 0 = the whole 10k test set, as in the paper
+    batch_size: int = opt(500, ge=1)
 
     def validate(self, where: str) -> None:
         from capsbench.report.claims import load_claims
@@ -42,10 +42,6 @@ class Table1Config:
         bad = [c for c in self.claims if c not in known]
         if bad:
             raise CapsbenchError(f"{where}.claims: {bad[0]!r} is not a table1 claim; known: {', '.join(known)}")
-        if self.augment not in ("shift", "none") or self.max_shift < 0:
-            raise CapsbenchError(f"{where}: augment must be shift or none and max_shift >= 0 (Table 1 is 28x28)")
-        if self.test_n < 0 or self.batch_size < 1:
-            raise CapsbenchError(f"{where}: test_n must be >= 0 and batch_size >= 1")
 
 
 def variants(cfg: Table1Config) -> list:
@@ -70,7 +66,7 @@ def param_rows(claims: list, seed: int) -> list[dict]:
 def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
     """Train (or fetch from the cache) the claim's model and measure its test error."""
     from capsbench.train.cache import get_trained
-    from capsbench.train.trainer import evaluate, test_inputs
+    from capsbench.train.tasks import evaluate, test_inputs
 
     if ctx.data is None:
         raise CapsbenchError("the table1 part needs the MNIST training set; run it through `python -m capsbench run`")
@@ -78,7 +74,7 @@ def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
         train = dataclasses.replace(ctx.train_cfg, augment=cfg.augment, max_shift=cfg.max_shift, **claim.train)
     except TypeError:
         raise CapsbenchError(f"claim {claim.id}: train = {claim.train} names a key that is not a training key "
-                             "(capsbench/claims.toml)") from None
+                             "(capsbench/report/claims.toml)") from None
     t0 = time.perf_counter()
     tm = get_trained(claim.model, train, ctx.device, {**claim.options, "input_size": 28}, root=ctx.cache_root,
                      progress=ctx.progress, data=ctx.data)  # fmt: skip
@@ -104,8 +100,9 @@ TABLE1_TABLES = {
 @part("table1", Table1Config, TABLE1_TABLES, needs_training=False)
 def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
     claims = variants(cfg)
-    params = pd.DataFrame(param_rows(claims, ctx.seed))
-    errors = pd.DataFrame([error_row(ctx, cfg, c) for c in claims if c.value == "error"])
+    params = pd.DataFrame(param_rows(claims, ctx.seed), columns=TABLE1_TABLES["params"])
+    errors = pd.DataFrame([error_row(ctx, cfg, c) for c in claims if c.value == "error"],
+                          columns=TABLE1_TABLES["table1"])
     tables = {"params": params} if not params.empty else {}
     lines = ["## Table 1: MNIST test error and parameter counts", ""]
     if not errors.empty:

@@ -18,26 +18,28 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-from tqdm.auto import tqdm
+from torch import Tensor
 
+from capsbench.core.config import PRECISION_ALIASES, Precision, opt
 from capsbench.core.device import describe
 from capsbench.core.errors import CapsbenchError
+from capsbench.core.timing import synchronize
 from capsbench.models import BenchModel, build_model, model_options
 from capsbench.parts.base import Check, PartResult, RunContext, part
-from capsbench.report.format import markdown_table
-from capsbench.core.timing import synchronize
+from capsbench.report.format import checks_footer, markdown_table
 from capsbench.train.config import TrainConfig
-from capsbench.train.trainer import Trainer, evaluate, test_inputs
-from capsbench.train.step import check_compile_mode
+from capsbench.train.schedules import Schedule
+from capsbench.train.step import CompileMode
+from capsbench.train.tasks import Evaluation, MnistTask
+from capsbench.train.trainer import Trainer
 
-SCHEDULES = ("onecycle", "paper")
 PAPER = TrainConfig()  # the paper's decay: x0.96 every 2000 steps, continuously
 TICKS = (0.1, 0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)  # accuracy ticks of the logit axis
 
@@ -47,25 +49,25 @@ class TimeToAccuracyConfig:
     """Keys of the ``[tta]`` table of a suite file."""
 
     model: str = "capsnet"  # a registered model; options from the suite's [model.NAME], at 28x28
-    target: float = 0.996  # test accuracy to reach
-    batch_size: int = 512
-    lr: float = 2e-3  # peak learning rate (Adam)
-    schedule: str = "onecycle"  # onecycle: linear warmup, cosine to 0 at max_steps; paper: x0.96 per 2000 steps
-    warmup_steps: int = 100  # linear lr warmup (either schedule; 0 = none)
-    max_steps: int = 1500  # the budget, and the length of the onecycle schedule
-    max_seconds: float = 0.0  # a wall-clock budget checked at evaluations (0 = none)
-    eval_every: int = 100  # steps between test evaluations (the only host syncs)
-    eval_batch_size: int = 1000
-    test_n: int = 0  # test images per evaluation (0 = all 10,000)
-    train_n: int = 0  # training images (0 = all 60,000)
-    augment: str = "shift"  # shift: the paper's random shifts of up to max_shift px; none
-    max_shift: int = 2
-    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU), bf16, off
+    target: float = opt(0.996, gt=0, le=1)  # test accuracy to reach
+    batch_size: int = opt(512, ge=1)
+    lr: float = opt(2e-3, gt=0)  # peak learning rate (Adam)
+    schedule: Literal["onecycle", "paper"] = "onecycle"  # onecycle: warmup, cosine to 0 at max_steps; paper: x0.96 per 2000
+    warmup_steps: int = opt(100, ge=0)  # linear lr warmup (either schedule; 0 = none)
+    max_steps: int = opt(1500, ge=1)  # the budget, and the length of the onecycle schedule
+    max_seconds: float = opt(0.0, ge=0)  # a wall-clock budget checked at evaluations (0 = none)
+    eval_every: int = opt(100, ge=1)  # steps between test evaluations (the only host syncs)
+    eval_batch_size: int = opt(1000, ge=1)
+    test_n: int = opt(0, ge=0)  # test images per evaluation (0 = all 10,000)
+    train_n: int = opt(0, ge=0)  # training images (0 = all 60,000)
+    augment: Literal["shift", "none"] = "shift"  # shift: the paper's random shifts of up to max_shift px (28x28)
+    max_shift: int = opt(2, ge=0)
+    amp: Precision = opt("auto", aliases=PRECISION_ALIASES)  # auto: bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile forward + loss (falls back to eager with a notice)
-    compile_mode: str = "default"  # inductor mode (reduce-overhead / max-autotune: CUDA graphs on a GPU)
+    compile_mode: CompileMode = "default"  # inductor mode (reduce-overhead / max-autotune: CUDA graphs on a GPU)
     channels_last: bool = False  # NHWC convolutions
-    prewarm_steps: int = 3  # untimed warm-up steps before the first repeat (0 = none)
-    repeats: int = 1  # runs with seeds seed, seed + 1, ...; the summary reports the median
+    prewarm_steps: int = opt(3, ge=0)  # untimed warm-up steps before the first repeat (0 = none)
+    repeats: int = opt(1, ge=1)  # runs with seeds seed, seed + 1, ...; the summary reports the median
 
     def validate(self, where: str) -> None:
         from capsbench.models import MODELS
@@ -73,28 +75,11 @@ class TimeToAccuracyConfig:
         if self.model not in MODELS:
             known = ", ".join(MODELS.names())
             raise CapsbenchError(f"{where}.model: unknown model {self.model!r}; known models: {known}")
-        if not 0 < self.target <= 1:
-            raise CapsbenchError(f"{where}.target must be a test accuracy in (0, 1], got {self.target}")
-        for key in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "repeats"):
-            if getattr(self, key) < 1:
-                raise CapsbenchError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "max_seconds", "test_n", "train_n", "max_shift", "prewarm_steps"):
-            if getattr(self, key) < 0:
-                raise CapsbenchError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
         if self.warmup_steps >= self.max_steps:
             raise CapsbenchError(f"{where}.warmup_steps must be < max_steps ({self.max_steps}), got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise CapsbenchError(f"{where}.lr must be > 0, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise CapsbenchError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.augment not in ("shift", "none"):
-            raise CapsbenchError(f"{where}.augment must be shift or none (28x28 MNIST), got {self.augment!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise CapsbenchError(f"{where}.amp must be auto, bf16 or off, got {self.amp!r}")
-        check_compile_mode(self.compile_mode, f"{where}.compile_mode")
 
     def train_config(self, seed: int) -> TrainConfig:
-        """The Trainer's view of this config (its own lr schedule is replaced by ``lr_factor``)."""
+        """The MNIST task's view of this config (``TimedTask`` replaces its schedule and evaluations)."""
         return TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
                            augment=self.augment, max_shift=self.max_shift, train_subset=self.train_n,
                            test_subset=self.test_n, amp=self.amp, compile=self.compile, compile_mode=self.compile_mode,
@@ -104,23 +89,10 @@ class TimeToAccuracyConfig:
 # ---- schedule ------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int) -> float:
-    """Multiplier of the peak lr for the optimizer step with 0-based index ``step``: linear warmup
-    to 1 over ``warmup_steps``, then cosine to 0 at ``max_steps`` (onecycle) or the paper's decay."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "paper":
-        return PAPER.lr_decay ** ((step - warmup_steps) / PAPER.lr_decay_steps)
-    progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: BenchModel, cfg: TimeToAccuracyConfig, device: torch.device):
-    """Adam at the peak lr (fused on CUDA) with ``lr_factor`` as a LambdaLR schedule."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.schedule, cfg.warmup_steps, cfg.max_steps))
-    return opt, sched
+def lr_schedule(cfg: TimeToAccuracyConfig) -> Schedule:
+    """The registered ``cfg.schedule`` after a linear warmup of ``warmup_steps``; onecycle reaches
+    0 at ``max_steps``, paper decays x0.96 every 2000 steps from the warmup's end."""
+    return Schedule(cfg.schedule, PAPER.lr_decay, PAPER.lr_decay_steps, cfg.warmup_steps, cfg.max_steps)
 
 
 def schedule_text(cfg: TimeToAccuracyConfig) -> str:
@@ -134,20 +106,66 @@ def schedule_text(cfg: TimeToAccuracyConfig) -> str:
 # ---- one run -------------------------------------------------------------------------------
 
 
-def reset(tr: Trainer, cfg: TimeToAccuracyConfig, options: dict[str, Any], seed: int) -> None:
-    """Fresh initial weights, optimizer, schedule and augmentation RNG, all from ``seed``."""
+class TimedTask(MnistTask):
+    """The MNIST task under tta's rules, for the one Trainer: each epoch's order drawn on the
+    device from one generator (a host randperm + copy would sync), the loss read only at the
+    evaluations, one every ``eval_every`` steps and after the last, clocked from ``start``; a run
+    stops at its first evaluation at or above the target, or past ``max_seconds``. No checkpoints:
+    a repeat is a timing measurement and runs from scratch."""
+
+    def __init__(self, cfg: TimeToAccuracyConfig, data: Any, device: torch.device, seed: int) -> None:
+        super().__init__(cfg.train_config(seed), data, device)
+        self.tta, self.schedule = cfg, lr_schedule(cfg)
+        self.log_every = self.checkpoint_every = cfg.eval_every  # the evaluations are the only syncs
+        self.lr_key, self.amp_key = "tta.lr", "tta.amp"
+        self.order_gen = torch.Generator(device=device)
+        self.t0, self.eval_s, self.rows = 0.0, 0.0, []
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Augmentation and order generators from ``seed``; the first epoch's order is drawn anew."""
+        self.gen.manual_seed(seed)
+        self.order_gen.manual_seed(seed)
+        self.order_epoch = -1
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self.train_x), device=self.device, generator=self.order_gen)
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.t0, self.eval_s, self.rows = time.perf_counter(), 0.0, []
+
+    def eval_due(self, step: int) -> bool:
+        return step % self.tta.eval_every == 0 or step == self.steps
+
+    def evaluate(self, model: BenchModel, step: int, log: dict[str, Any]) -> Evaluation:
+        """One row: the test accuracy, ``wall_s`` since the first step and the evaluations' share."""
+        cfg = self.tta
+        synchronize(self.device)  # the queued steps are training time, not evaluation time
+        t_eval = time.perf_counter()
+        acc, m = self.test_accuracy(model, cfg.eval_batch_size)
+        now = time.perf_counter()
+        self.eval_s += now - t_eval
+        self.rows.append({"step": step, "epoch": step / self.steps_per_epoch, "images_seen": step * cfg.batch_size,
+                          "wall_s": now - self.t0, "eval_s": self.eval_s, "test_accuracy": acc, "test_n": m,
+                          "lr": cfg.lr * self.schedule.factor(step - 1), "train_loss": log["train_loss"]})  # fmt: skip
+        stop = acc >= cfg.target or bool(cfg.max_seconds and now - self.t0 >= cfg.max_seconds)
+        return Evaluation(self.rows[-1], stop)
+
+    def final(self, model: BenchModel, step: int) -> None:
+        return None  # the last step was evaluated
+
+
+def reset(tr: Trainer, task: TimedTask, cfg: TimeToAccuracyConfig, options: dict[str, Any], seed: int) -> None:
+    """Fresh initial weights, optimizer, schedule and random state, all from ``seed``."""
     torch.manual_seed(seed)  # initial weights (and dropout, for models that have it)
     tr.model.load_state_dict(build_model(cfg.model, **options).state_dict())
     tr.model.train()
-    tr.set_optimizer(*make_optimizer(tr.model, cfg, tr.device))
-    tr.gen.manual_seed(seed)
+    tr.restart()
+    task.reseed(seed)
 
 
-def eval_accuracy(tr: Trainer, cfg: TimeToAccuracyConfig) -> tuple[float, int]:
-    return evaluate(tr.model, tr.test_x, tr.test_y, lambda xb: test_inputs(tr.cfg, xb), cfg.eval_batch_size, tr.dtype)
-
-
-def warm_up(tr: Trainer, cfg: TimeToAccuracyConfig) -> float:
+def warm_up(tr: Trainer, task: TimedTask, cfg: TimeToAccuracyConfig) -> float:
     """Seconds of ``prewarm_steps`` training steps and one evaluation (compile, autotuning,
     allocator); untimed in the results, and the caller resets the model afterwards."""
     if cfg.prewarm_steps == 0:
@@ -156,52 +174,18 @@ def warm_up(tr: Trainer, cfg: TimeToAccuracyConfig) -> float:
     t0 = time.perf_counter()
     idx = torch.arange(cfg.batch_size, device=tr.device)
     for _ in range(cfg.prewarm_steps):
-        tr.train_step(idx)
-    eval_accuracy(tr, cfg)
+        tr.train_step(task.examples(idx))
+    task.test_accuracy(tr.model, cfg.eval_batch_size)
     synchronize(tr.device)
     return time.perf_counter() - t0
 
 
-def timed_run(tr: Trainer, cfg: TimeToAccuracyConfig, seed: int, label: str, progress: bool) -> list[dict[str, Any]]:
+def timed_run(tr: Trainer, task: TimedTask, seed: int) -> list[dict[str, Any]]:
     """Train from the reset state until the first evaluation at or above the target, or the
     budget; one row per evaluation, ``wall_s`` counted from before the first step."""
-    device, bs, n = tr.device, cfg.batch_size, len(tr.train_x)
-    order_gen = torch.Generator(device=device).manual_seed(seed)
-    loss_sum, since, eval_s, rows = torch.zeros((), device=device), 0, 0.0, []
-    bar = tqdm(total=cfg.max_steps, desc=label, unit="step", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0, file=sys.stderr)  # fmt: skip
-    synchronize(device)
-    t0 = time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
-        pos = (step - 1) % tr.steps_per_epoch
-        if pos == 0:  # a new epoch's order, drawn on the device (a host randperm + copy would sync)
-            order = torch.randperm(n, device=device, generator=order_gen)
-        loss, _ = tr.train_step(order[pos * bs : (pos + 1) * bs])
-        loss_sum += loss
-        since += 1
-        if step % cfg.eval_every and step < cfg.max_steps:
-            continue
-        synchronize(device)  # the queued steps are training time, not evaluation time
-        t_eval = time.perf_counter()
-        acc, m = eval_accuracy(tr, cfg)
-        loss_mean = loss_sum.item() / since
-        now = time.perf_counter()
-        if not math.isfinite(loss_mean):
-            raise CapsbenchError(f"{label} diverged: loss is {loss_mean} at step {step}; lower the learning rate "
-                                 "(--set tta.lr=...) or turn off bf16 (--set tta.amp=off)")  # fmt: skip
-        eval_s += now - t_eval
-        rows.append({"step": step, "epoch": step / tr.steps_per_epoch, "images_seen": step * bs,
-                     "wall_s": now - t0, "eval_s": eval_s, "test_accuracy": acc, "test_n": m,
-                     "lr": cfg.lr * lr_factor(step - 1, cfg.schedule, cfg.warmup_steps, cfg.max_steps),
-                     "train_loss": loss_mean})  # fmt: skip
-        loss_sum.zero_()
-        since = 0
-        bar.set_postfix(acc=f"{acc:.4f}", wall=f"{now - t0:.1f}s", refresh=False)
-        bar.update(step - bar.n)
-        if acc >= cfg.target or (cfg.max_seconds and now - t0 >= cfg.max_seconds):
-            break
-    bar.close()
-    return rows
+    tr.label = f"tta {task.tta.model} seed {seed}"
+    tr.run()
+    return task.rows
 
 
 def result_row(rows: list[dict[str, Any]], cfg: TimeToAccuracyConfig, info: dict[str, Any], seed: int,
@@ -227,16 +211,16 @@ def result_row(rows: list[dict[str, Any]], cfg: TimeToAccuracyConfig, info: dict
 # ---- the part ------------------------------------------------------------------------------
 
 
-def make_trainer(ctx: RunContext, cfg: TimeToAccuracyConfig) -> tuple[Trainer, dict[str, Any]]:
-    """The Trainer (data moved to the device once, for every repeat) and the model options."""
+def make_trainer(ctx: RunContext, cfg: TimeToAccuracyConfig) -> tuple[Trainer, TimedTask, dict[str, Any]]:
+    """The Trainer and its task (data moved to the device once, for every repeat) and the model options."""
     tm = ctx.models.get(cfg.model)
     options = model_options(cfg.model, **{**((tm.meta.get("options") or {}) if tm else {}), "input_size": 28})
+    task = TimedTask(cfg, ctx.data, ctx.device, ctx.seed)
+    if cfg.batch_size > len(task.train_x):
+        raise CapsbenchError(f"tta.batch_size {cfg.batch_size} exceeds the {len(task.train_x)} training images")
     torch.manual_seed(ctx.seed)
-    tr = Trainer(build_model(cfg.model, **options), cfg.train_config(ctx.seed), ctx.data, ctx.device,
-                 progress=False, label=f"tta {cfg.model}")  # fmt: skip
-    if cfg.batch_size > len(tr.train_x):
-        raise CapsbenchError(f"tta.batch_size {cfg.batch_size} exceeds the {len(tr.train_x)} training images")
-    return tr, options
+    tr = Trainer(build_model(cfg.model, **options), task, progress=ctx.progress, label=f"tta {cfg.model}")
+    return tr, task, options
 
 
 TTA_TABLES = {
@@ -254,14 +238,14 @@ def run_tta(ctx: RunContext, cfg: TimeToAccuracyConfig) -> PartResult:
     """Train ``cfg.repeats`` fresh models to the target; time each from its first step."""
     if ctx.data is None:
         raise CapsbenchError("the tta part needs the MNIST training set; run it through `python -m capsbench run`")
-    tr, options = make_trainer(ctx, cfg)
-    info = {"device": describe(ctx.device), "dtype": "bf16" if tr.dtype is torch.bfloat16 else "fp32",
-            "compile_s": warm_up(tr, cfg), "train_n": len(tr.train_x)}  # fmt: skip
+    tr, task, options = make_trainer(ctx, cfg)
+    info = {"device": describe(ctx.device), "dtype": "bf16" if task.dtype is torch.bfloat16 else "fp32",
+            "compile_s": warm_up(tr, task, cfg), "train_n": len(task.train_x)}  # fmt: skip
     curve, results = [], []
     for i in range(cfg.repeats):
         seed = ctx.seed + i
-        reset(tr, cfg, options, seed)
-        rows = timed_run(tr, cfg, seed, f"tta {cfg.model} seed {seed}", ctx.progress)
+        reset(tr, task, cfg, options, seed)
+        rows = timed_run(tr, task, seed)
         # after the run: a compile that failed on its first call fell back to eager
         info["compiled"] = tr.step_fn.compiled
         curve += [{"repeat": i, "seed": seed, **r} for r in rows]
@@ -366,7 +350,5 @@ def summary(df: pd.DataFrame, cfg: TimeToAccuracyConfig, info: dict[str, Any], o
                            "best_accuracy", "final_accuracy", "train_images_per_s", "compile_s"]]),
         "",
     ]  # fmt: skip
-    failed = [c for c in checks if not c.passed]
-    lines += [f"**Checks**: {len(checks) - len(failed)} of {len(checks)} passed."]
-    lines += [f"- FAIL {c.name}: {c.detail}" for c in failed]
+    lines += checks_footer(checks)
     return "\n".join(lines) + "\n"

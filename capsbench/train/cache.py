@@ -1,6 +1,11 @@
 """Cache of trained models, keyed by a hash of everything that determines the weights.
 
-``<cache>/models/<name>-<key>/`` holds ``model.pt`` (state dict + metadata), ``meta.json``
+One ``get_trained`` for every kind of trained model, each described by a ``Recipe``: MNIST
+classification under a TrainConfig (``MnistRecipe``, folders ``models/<name>-<key>``) and the
+MultiMNIST part's (``parts.multimnist.MultiMnistRecipe``, ``models/multimnist-<name>-<key>``).
+A recipe's key names its kind by its config's key ("train", "multimnist").
+
+``<cache>/models/<prefix><name>-<key>/`` holds ``model.pt`` (state dict + metadata), ``meta.json``
 (human-readable) and, while training, ``checkpoint.pt`` (so a killed run resumes). A file
 lock makes two processes asking for the same model wait for one training run.
 """
@@ -12,30 +17,84 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from capsbench.core import atomic
-from capsbench.data import cache_dir, load_mnist
 from capsbench.core.device import amp_dtype
 from capsbench.core.env import environment
 from capsbench.core.lock import file_lock
-from capsbench.models import BenchModel, build_model, model_options
+from capsbench.data import cache_dir, load_mnist
+from capsbench.models import BenchModel, build_model, model_options, weight_options
 from capsbench.train import checkpoint
 from capsbench.train.config import TrainConfig
+from capsbench.train.tasks import MnistTask, Task
 from capsbench.train.trainer import Trainer
 
 # Bump when a change to the training code changes the weights it produces.
 TRAIN_CODE_VERSION = 1
 
 
-def cache_key(name: str, options: dict[str, Any], cfg: TrainConfig, device: torch.device) -> str:
-    """A short hash of model, options, training config, data protocol, seed, device, precision."""
-    payload = {
-        "model": name, "options": options, "train": cfg.weight_key(), "device": device.type,
-        "precision": str(amp_dtype(device, cfg.amp)), "code": TRAIN_CODE_VERSION,
-    }  # fmt: skip
+class Recipe(Protocol):
+    """A kind of trained model: how ``get_trained`` keys, names, records and trains it."""
+
+    prefix: ClassVar[str]  # of the cache folder's name: "" (MNIST), "multimnist-"
+    seed: int  # of the initial weights
+    input_size: int  # the model input its task gives (the input_size option's default)
+
+    def key(self, device: torch.device) -> dict[str, Any]:
+        """What determines the weights besides the model and its options: the task's config and
+        kind, device, precision, code version."""
+
+    def meta(self) -> dict[str, Any]:
+        """The config fields meta.json records."""
+
+    def label(self, name: str) -> str:
+        """The progress label of training ``name``."""
+
+    def task(self, data: Any, device: torch.device) -> Task:
+        """The Trainer's task on ``data`` (MNIST: train_x/train_y/test_x/test_y)."""
+
+
+@dataclass(frozen=True)
+class MnistRecipe:
+    """MNIST classification under ``cfg`` (a TrainConfig given to get_trained means this)."""
+
+    cfg: TrainConfig
+    prefix: ClassVar[str] = ""
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.input_size
+
+    def key(self, device: torch.device) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"train": cfg.weight_key(), "device": device.type, "precision": str(amp_dtype(device, cfg.amp)),
+                "code": TRAIN_CODE_VERSION}  # fmt: skip
+
+    def meta(self) -> dict[str, Any]:
+        return {"train": self.cfg.weight_key(), "preset": self.cfg.description}
+
+    def label(self, name: str) -> str:
+        return name
+
+    def task(self, data: Any, device: torch.device) -> Task:
+        return MnistTask(self.cfg, data, device)
+
+
+def as_recipe(spec: TrainConfig | Recipe) -> Recipe:
+    return MnistRecipe(spec) if isinstance(spec, TrainConfig) else spec
+
+
+def cache_key(name: str, options: dict[str, Any], spec: TrainConfig | Recipe, device: torch.device) -> str:
+    """A short hash of model, options (speed options left out) and the recipe's key: its task's
+    config (for MNIST: training config, data protocol, seed), device, precision, code version."""
+    payload = {"model": name, "options": weight_options(name, options), **as_recipe(spec).key(device)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -56,13 +115,15 @@ def model_folder(name: str, key: str, root: str | Path | None = None) -> Path:
 
 
 def get_trained(
-    name: str, cfg: TrainConfig, device: torch.device, options: dict[str, Any] | None = None,
+    name: str, spec: TrainConfig | Recipe, device: torch.device, options: dict[str, Any] | None = None,
     root: str | Path | None = None, progress: bool = True, data: Any = None,
 ) -> TrainedModel:
-    """Return the trained model from the cache, training it (or resuming training) first if needed."""
-    options = model_options(name, **{"input_size": cfg.input_size, **(options or {})})
-    key = cache_key(name, options, cfg, device)
-    folder = model_folder(name, key, root)
+    """Return the trained model from the cache, training it (or resuming training) first if needed;
+    ``spec``: a TrainConfig (MNIST classification) or another kind's Recipe."""
+    recipe = as_recipe(spec)
+    options = model_options(name, **{"input_size": recipe.input_size, **(options or {})})
+    key = cache_key(name, options, recipe, device)
+    folder = model_folder(recipe.prefix + name, key, root)
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / "lock"):
         final = folder / "model.pt"
@@ -71,18 +132,17 @@ def get_trained(
             state = checkpoint.load(final, map_location=device)
             model.load_state_dict(state["model"])
             return TrainedModel(name, model.to(device).eval(), state["meta"], cached=True)
-        torch.manual_seed(cfg.seed)  # initial weights are a function of the seed
+        torch.manual_seed(recipe.seed)  # initial weights are a function of the seed
         model = build_model(name, **options)
         data = data if data is not None else load_mnist(root)
-        trainer = Trainer(model, cfg, data, device, folder / "checkpoint.pt", progress, label=name)
+        task = recipe.task(data, device)
+        trainer = Trainer(model, task, folder / "checkpoint.pt", progress, label=recipe.label(name))
         started = time.time()
         result = trainer.run()
         meta = {
-            "model": name, "options": options, "train": cfg.weight_key(), "preset": cfg.description,
-            "key": key, "test_accuracy": result.test_accuracy, "test_n": result.test_n,
-            "steps": result.steps, "train_seconds": result.wall_s,
-            "train_images_per_s": result.train_images_per_s, "params": model.num_params(),
-            "history": result.history, "created_unix": started, "env": environment(device),
+            "model": name, "options": options, **recipe.meta(), "key": key, **result.fields(),
+            "params": model.num_params(), "history": result.history, "created_unix": started,
+            "env": environment(device),
         }  # fmt: skip
         meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only
         checkpoint.save(final, {"model": model.state_dict(), "meta": meta})

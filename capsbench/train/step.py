@@ -1,5 +1,7 @@
-"""One training step and one inference forward, shared by the Trainer, the tta part and the
-throughput part, so the speed that is measured is the speed that trains.
+"""One training step and one inference forward, shared by the Trainer (every training loop: MNIST
+classification, MultiMNIST, time to accuracy) and the throughput part, so the speed that is
+measured is the speed that trains. The step's loss is a hook (``LossFn``; default: the model's own
+``objective``), so a task with its own loss (MultiMNIST) gets the same speed options.
 
 The speed options, each off by default (the plain eager step is the reference), each computing
 the same function (tests/test_step.py):
@@ -19,16 +21,18 @@ device tensors until the caller logs them.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from capsbench.core.device import autocast
 from capsbench.core.errors import CapsbenchError
+from capsbench.data.multimnist import two_digit_error
 from capsbench.models.base import BenchModel, ModelOutput, predict
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = get_args(CompileMode)
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes in which inductor records CUDA graphs
 
 
@@ -133,25 +137,45 @@ class _Step:
         return self.fn.failure if isinstance(self.fn, CompileOrEager) else ""
 
 
+LossFn = Callable[[BenchModel, tuple[Tensor, ...]], tuple[Tensor, ModelOutput]]  # (model, batch) -> (loss, out)
+
+
+def objective(model: BenchModel, batch: tuple[Tensor, ...]) -> tuple[Tensor, ModelOutput]:
+    """The model's own training loss on a classification batch (x (B, 1, S, S), y (B,)), and the outputs."""
+    x, y = batch
+    out = model(x, y)
+    return model.objective(out, x, y), out
+
+
+def hits(out: ModelOutput, y: Tensor) -> Tensor:
+    """Examples with every label predicted, a 0-dim device tensor: argmax == y for labels (B,);
+    the two highest scores exactly the two labels for labels (B, 2) (MultiMNIST)."""
+    if y.dim() == 1:
+        return (predict(out) == y).sum()
+    return (~two_digit_error(out.scores, y)).sum()
+
+
 class TrainStep(_Step):
     """Forward and loss (one graph when compiled), backward, optimizer step; returns the loss and
     the number of correct predictions as device tensors (no host sync)."""
 
-    def __init__(self, model: BenchModel, opt: torch.optim.Optimizer, options: StepOptions) -> None:
+    def __init__(self, model: BenchModel, opt: torch.optim.Optimizer, options: StepOptions,
+                 loss: LossFn | None = None) -> None:  # fmt: skip
+        self.loss = loss or objective
         super().__init__(model, options, self.forward_loss)
         self.opt = opt
 
-    def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, ModelOutput]:
-        out = self.model(x, y)
-        return self.model.objective(out, x, y), out
+    def forward_loss(self, x: Tensor, y: Tensor, *extra: Tensor) -> tuple[Tensor, ModelOutput]:
+        return self.loss(self.model, (x, y, *extra))
 
-    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, y: Tensor, *extra: Tensor) -> tuple[Tensor, Tensor]:
+        """One step on the batch (inputs x, labels y, then whatever else the loss reads)."""
         o = self.options
         o.begin()
         x = o.inputs(x)
         with autocast(o.device, o.dtype):
-            loss, out = self.fn(x, y)
-            correct = (predict(out) == y).sum()  # from the outputs before backward and the next step reuse them
+            loss, out = self.fn(x, y, *extra)
+            correct = hits(out, y)  # from the outputs before backward and the next step reuse them
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -1,0 +1,179 @@
+"""What the one Trainer trains: a ``Task`` gives each step's batch and loss, the run's lengths,
+schedule and speed options, and its evaluation and stop rule. ``MnistTask`` is MNIST
+classification (with the MNIST protocol's input functions and test accuracy); the MultiMNIST and
+time-to-accuracy parts define theirs beside their protocols.
+
+A task's batch for step k must be reproducible after a resume: ``MnistTask`` draws each epoch's
+order from (seed, epoch) and saves its augmentation generator in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from capsbench.core.device import amp_dtype
+from capsbench.core.seeds import derive_seed
+from capsbench.data import augment
+from capsbench.models import BenchModel, ModelOutput, count_correct
+from capsbench.train import checkpoint
+from capsbench.train.config import TrainConfig
+from capsbench.train.schedules import Schedule
+from capsbench.train.step import StepOptions, objective
+
+
+class Evaluation(NamedTuple):
+    """What an evaluation during training gives the Trainer."""
+
+    row: dict[str, Any]  # appended to the run's history
+    stop: bool = False  # end the run here (tta: the target is reached, or the time budget spent)
+    note: str = ""  # a line for the progress output ("" = none)
+
+
+class Task:
+    """A Trainer's hooks. Subclasses implement ``batch``; the other hooks default to the model's own
+    objective, no random state to save, and no evaluation."""
+
+    def __init__(self, *, steps: int, batch_size: int, lr: float, schedule: Schedule, options: StepOptions,
+                 log_every: int, checkpoint_every: int, input_size: int, protocol: str = "",
+                 lr_key: str = "train.lr", amp_key: str = "train.amp") -> None:  # fmt: skip
+        self.steps, self.batch_size = steps, batch_size  # optimizer steps; examples per step
+        self.lr, self.schedule = lr, schedule  # peak learning rate (Adam) and its multiplier per step
+        self.options = options  # device, autocast dtype, compile, channels_last
+        self.log_every = log_every  # steps between host reads of the loss (the only syncs)
+        self.checkpoint_every = checkpoint_every
+        self.input_size, self.protocol = input_size, protocol  # the model input the batches have, and why
+        self.lr_key, self.amp_key = lr_key, amp_key  # the --set keys a divergence message names
+
+    @property
+    def device(self) -> torch.device:
+        return self.options.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.options.dtype
+
+    def batch(self, step: int) -> tuple[Tensor, ...]:
+        """The inputs of the optimizer step with 0-based index ``step``: (x, y, extra...) on the device."""
+        raise NotImplementedError
+
+    def loss(self, model: BenchModel, batch: tuple[Tensor, ...]) -> tuple[Tensor, ModelOutput]:
+        """(scalar loss, outputs) of ``model`` on ``batch``: by default the model's own objective."""
+        return objective(model, batch)
+
+    def rng_state(self) -> dict[str, Any]:
+        """Random state a checkpoint must hold for the batches after it to be the same."""
+        return {}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``rng_state`` returned."""
+
+    def start(self) -> None:
+        """The loop is about to take its first step (tta starts its clock here)."""
+
+    def eval_due(self, step: int) -> bool:
+        """Whether to evaluate after ``step`` steps (a due evaluation also reads the loss)."""
+        return False
+
+    def evaluate(self, model: BenchModel, step: int, log: dict[str, Any]) -> Evaluation:
+        """An evaluation after ``step`` steps; ``log`` is the loss row the Trainer just read."""
+        raise NotImplementedError
+
+    def final(self, model: BenchModel, step: int) -> dict[str, Any] | None:
+        """A last evaluation after the loop (None: none)."""
+        return None
+
+
+# ---- MNIST classification ------------------------------------------------------------------
+
+
+def train_inputs(cfg: TrainConfig, x_u8: Tensor, gen: torch.Generator) -> Tensor:
+    """(B, 28, 28) uint8 -> (B, 1, S, S) float training inputs under the config's protocol."""
+    x = augment.to_float(x_u8)
+    if cfg.augment == "shift" and cfg.max_shift > 0:
+        return augment.random_shift(x, cfg.max_shift, generator=gen)
+    if cfg.augment == "canvas":
+        return augment.random_canvas(x, cfg.canvas, generator=gen)
+    return x
+
+
+def test_inputs(cfg: TrainConfig, x_u8: Tensor) -> Tensor:
+    """Unshifted test digits: 28x28, or centred on the canvas ("expanded MNIST")."""
+    x = augment.to_float(x_u8)
+    return augment.center_canvas(x, cfg.canvas) if cfg.augment == "canvas" else x
+
+
+def evaluate(
+    model: BenchModel, x: Tensor, y: Tensor, prepare: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 500, dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Accuracy of ``model`` (eval mode, restored afterwards) on ``x``; ``prepare`` maps raw batches."""
+    correct = count_correct(model, x, y, batch_size, dtype, prepare)
+    return correct.item() / max(len(x), 1), len(x)
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
+    """The example order (n,) of one epoch, a function of (seed, epoch) only, so resuming needs no
+    state: a host randperm, moved to the device."""
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch))
+    return torch.randperm(n, generator=g).to(device)
+
+
+class MnistTask(Task):
+    """MNIST classification under a TrainConfig: the digits on the device, batches by index in each
+    epoch's order, augmentation drawn from a device generator (saved in checkpoints with the global
+    RNG, for dropout), the paper's schedule, test accuracy at each epoch's end and after the run."""
+
+    def __init__(self, cfg: TrainConfig, data: Any, device: torch.device) -> None:
+        options = StepOptions(device, amp_dtype(device, cfg.amp), cfg.compile, cfg.compile_mode, cfg.channels_last)
+        super().__init__(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, options=options,
+                         schedule=Schedule("paper", cfg.lr_decay, cfg.lr_decay_steps), log_every=cfg.log_every,
+                         checkpoint_every=cfg.checkpoint_every, input_size=cfg.input_size,
+                         protocol=f"augment={cfg.augment}, canvas={cfg.canvas}")  # fmt: skip
+        self.cfg = cfg
+        n = min(cfg.train_subset or len(data.train_x), len(data.train_x))  # a subset larger than the data = all of it
+        self.train_x, self.train_y = data.train_x[:n].to(device), data.train_y[:n].to(device)
+        m = cfg.test_subset or len(data.test_x)
+        self.test_x, self.test_y = data.test_x[:m].to(device), data.test_y[:m].to(device)
+        self.steps_per_epoch = max(n // cfg.batch_size, 1)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.order, self.order_epoch = torch.empty(0, dtype=torch.long), -1
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        """The order (n,) of ``epoch`` on the device."""
+        return epoch_order(len(self.train_x), self.cfg.seed, epoch, self.device)
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self.order_epoch:
+            self.order, self.order_epoch = self.epoch_order(epoch), epoch
+        bs = self.batch_size
+        return self.examples(self.order[pos * bs : (pos + 1) * bs])
+
+    def examples(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Training inputs (B, 1, S, S) and labels (B,) of the digits ``idx`` (B,)."""
+        return train_inputs(self.cfg, self.train_x[idx], self.gen), self.train_y[idx]
+
+    def rng_state(self) -> dict[str, Any]:
+        return checkpoint.rng_state(self.gen)
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        checkpoint.set_rng_state(state, self.gen)
+
+    def test_accuracy(self, model: BenchModel, batch_size: int = 500) -> tuple[float, int]:
+        return evaluate(model, self.test_x, self.test_y, lambda xb: test_inputs(self.cfg, xb), batch_size, self.dtype)
+
+    def eval_due(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 and step < self.steps  # an epoch's end; the last step has final()
+
+    def evaluate(self, model: BenchModel, step: int, log: dict[str, Any]) -> Evaluation:
+        acc, n = self.test_accuracy(model)
+        epoch = step // self.steps_per_epoch
+        row = {"step": step, "epoch": epoch, "test_accuracy": acc, "test_n": n}
+        return Evaluation(row, note=f"epoch {epoch} test accuracy {acc:.4f} (n={n})")
+
+    def final(self, model: BenchModel, step: int) -> dict[str, Any]:
+        acc, n = self.test_accuracy(model)
+        return {"step": step, "test_accuracy": acc, "test_n": n}
