@@ -14,9 +14,9 @@ import traceback
 from typing import Any, Callable
 
 from capsbench.core.allocator import tune_cpu_allocator
-from capsbench.core.errors import CapsbenchError
 from capsbench.core.config import parse_sets
 from capsbench.core.device import describe, resolve_device
+from capsbench.core.errors import CapsbenchError
 from capsbench.core.registry import Registry
 
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False)
     args.data_dir = getattr(args, "data_dir", None)
     func: Callable[[argparse.Namespace], Any] = args.func
-    tune_cpu_allocator()  # before any tensor exists; see capsbench/allocator.py
+    tune_cpu_allocator()  # before any tensor exists; see capsbench/core/allocator.py
     try:
         return int(func(args) or 0)
     except CapsbenchError as e:

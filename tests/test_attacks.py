@@ -270,7 +270,8 @@ def test_example_eps_prefers_point_two():
 @pytest.mark.parametrize(
     "values, match",
     [
-        ({"eps": [0.0, -0.1]}, r"\[0, 1\]"),
+        ({"eps": [0.0, -0.1]}, "adversarial.eps values must be >= 0"),
+        ({"eps": [0.0, 1.5]}, "adversarial.eps values must be <= 1"),
         ({"eps": [0.0, 0.3, 0.1]}, "sorted"),
         ({"eps": [0.1, 0.2]}, "must include 0 for the eps=0 == clean check"),
         ({"eps": [0.0]}, "> 0"),

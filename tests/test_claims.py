@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from capsbench.report.claims import VERDICTS, load_claims, select, verdict
 from capsbench.cli import main
 from capsbench.core.errors import CapsbenchError
 from capsbench.models import build_model
+from capsbench.report.claims import VERDICTS, load_claims, select, verdict
 from capsbench.report.stats import seed_summary, t_quantile_975
 from capsbench.train.config import TrainConfig
 
@@ -186,3 +186,28 @@ def test_a_model_that_did_not_train_makes_its_claim_inconclusive():
     assert row["verdict"] == "inconclusive" and "training failed" in row["notes"]  # ...but decides nothing
     rows[0].update(accuracy=0.5, error=0.5, correct=1000, train_failed=False)  # trained, just badly
     assert claim_row(claims["mnist-error-baseline"], {"table1": pd.DataFrame(rows)}, "quick")["verdict"] == "not reproduced"
+
+
+def test_select_rows_is_white_box_float_tolerant_and_takes_the_first_listed_value_with_rows():
+    import pandas as pd
+
+    from capsbench.report.select import select_rows
+
+    adv = pd.DataFrame({"model": ["a", "a", "a", "b"], "source_model": ["a", "b", "a", "b"],
+                        "eps": [0.1, 0.1, 0.3 + 1e-12, 0.1], "accuracy": [0.5, 0.6, 0.2, 0.7]})  # fmt: skip
+    rows, chosen = select_rows(adv, "a", {"eps": 0.1})
+    assert rows.accuracy.tolist() == [0.5] and chosen == {"eps": 0.1}  # white-box only: not the row crafted on b
+    rows, chosen = select_rows(adv, "a", {"eps": [0.2, 0.3]})
+    assert rows.accuracy.tolist() == [0.2] and chosen == {"eps": 0.3}  # 0.2 has no rows; 0.3 within 1e-9
+    assert select_rows(adv, "a", {"eps": 0.2})[0].empty and select_rows(adv, "a", {"attack": "fgsm"})[0].empty
+    clean = pd.DataFrame({"model": ["a", "b"], "accuracy": [0.9, 0.8]})  # no source_model column: every row
+    assert select_rows(clean, "b", {})[0].accuracy.tolist() == [0.8]
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 40, 263, 1000, 10000])
+def test_wilson_interval_contains_the_proportion_at_the_extremes(n):
+    from capsbench.report.stats import wilson_interval
+
+    for k in (0, n):
+        lo, hi = wilson_interval(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)

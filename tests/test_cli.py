@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from capsbench.cli import main
+from capsbench.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,10 +18,24 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "capsbench", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize(
-    "args",
-    [[], ["list"], ["data"], ["data", "info"], ["data", "fetch"], ["train"], ["run"]],
-)
+def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the parser: (), ("list",), ("data",), ("data", "info"), ..."""
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += subcommands(sub, (*prefix, name))
+    return paths
+
+
+COMMANDS = subcommands(build_parser())
+
+
+def test_the_command_list_is_complete():
+    assert {c[0] for c in COMMANDS if c} == {"list", "data", "train", "run", "report"}
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda c: " ".join(c) or "(top)")
 def test_every_command_has_help(args, capsys):
     with pytest.raises(SystemExit) as e:
         main([*args, "--help"])
@@ -64,6 +79,10 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         (["run", "robustness", "--set", "colour=1"], ["unknown suite key 'colour'"]),
         (["run", "robustness", "--models", "capsnet,resnet"], ["unknown model 'resnet'"]),
         (["run", "robustness", "--set", "train.lr=-1"], ["lr must be > 0"]),
+        (["run", "robustness", "--set", "train.amp=fp16"], ["train.amp must be one of auto, fp32, bf16"]),
+        (["run", "robustness", "--seeds", "0,x"], ["--seeds takes comma-separated integers"]),
+        (["run", "robustness", "--seed", "1", "--seeds", "0,1"], ["either --seed or --seeds"]),
+        (["report", "/nonexistent/run"], ["is not a capsbench run folder"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, needles, tmp_path):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from capsbench.core.errors import CapsbenchError
 from capsbench.data import augment, load_mnist
 from capsbench.data import mnist as mn
 from capsbench.data.safe_pickle import safe_load_numpy_pickle
-from capsbench.core.errors import CapsbenchError
 
 
 def idx_bytes(t: torch.Tensor) -> bytes:

@@ -9,8 +9,8 @@ import tomllib
 import pandas as pd
 import pytest
 
-from capsbench.report.claims import VERDICTS, load_claims
 from capsbench.cli import main
+from capsbench.report.claims import VERDICTS, load_claims
 from tests.test_suites import assert_report_has_every_plot, shared_cache  # noqa: F401 - the fixture
 
 CLAIMS = "params-capsnet,params-baseline,mnist-error-r1-norecon,affnist-gap,adversarial-fgsm,multimnist-error"

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from capsbench.core.device import autocast
+from capsbench.core.registry import Registry
 from capsbench.models import BenchModel
 from capsbench.models.base import eval_mode
-from capsbench.core.registry import Registry
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
 

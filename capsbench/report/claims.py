@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from capsbench.core.errors import CapsbenchError
+from capsbench.report.select import select_rows
 from capsbench.report.stats import newcombe_interval, seed_summary, wilson_interval
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
@@ -62,7 +63,7 @@ class Claim:
 def _claim(cid: str, raw: dict[str, Any]) -> Claim:
     missing = [f for f in FIELDS if f not in raw]
     if missing:
-        raise CapsbenchError(f"claim {cid!r} lacks {', '.join(missing)} (capsbench/claims.toml)")
+        raise CapsbenchError(f"claim {cid!r} lacks {', '.join(missing)} (capsbench/report/claims.toml)")
     if "band" in raw:
         lo, hi = (float(v) for v in raw["band"])
     elif "tolerance" in raw and math.isfinite(float(raw["paper_value"])):
@@ -118,25 +119,6 @@ def verdict(claim: Claim, ci_low: float | None, ci_high: float | None) -> str:
 # --- measuring a claim from a run's tables ------------------------------------------------------
 
 
-def _rows(df: pd.DataFrame, model: str, where: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The rows of ``model`` matching ``where``, and the values chosen where a list gave options."""
-    rows = df[df.model == model]
-    if "source_model" in rows.columns:
-        rows = rows[rows.source_model == model]  # white-box: the model attacked through itself
-    chosen: dict[str, Any] = {}
-    for col, want in where.items():
-        if col not in rows.columns:
-            return rows.iloc[:0], chosen
-        for w in want if isinstance(want, list) else [want]:
-            hit = rows[(rows[col] - w).abs() < 1e-9] if isinstance(w, float) else rows[rows[col] == w]
-            if len(hit):
-                rows, chosen[col] = hit, w
-                break
-        else:
-            return rows.iloc[:0], chosen
-    return rows, chosen
-
-
 def _proportions(claim: Claim, rows: pd.DataFrame) -> dict[int, tuple[float, int]]:
     """seed -> (count, n) of the claim's proportion (correct, or wrong for an error claim)."""
     out = {}
@@ -157,7 +139,7 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
     df = tables.get(claim.table)
     if df is None or df.empty or "model" not in df.columns:
         return None
-    rows, chosen = _rows(df, claim.model, claim.where)
+    rows, chosen = select_rows(df, claim.model, claim.where)
     if rows.empty:
         return None
     if claim.value == "params":
@@ -165,7 +147,7 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
         return {"mean": v, "ci_low": v, "ci_high": v, "n_seeds": 1, "chosen": chosen, "method": "exact count"}
     failed = sorted({int(getattr(r, "seed", 0)) for r in rows.itertuples() if getattr(r, "train_failed", False)})
     a = _proportions(claim, rows)
-    b = _proportions(claim, _rows(df, claim.minus, chosen)[0]) if claim.minus else {}
+    b = _proportions(claim, select_rows(df, claim.minus, chosen)[0]) if claim.minus else {}
     seeds = sorted(set(a) & set(b)) if claim.minus else sorted(a)
     if not seeds:
         return None

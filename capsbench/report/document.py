@@ -20,6 +20,7 @@ import pandas as pd
 from capsbench.core import atomic
 from capsbench.report.folder import Run, read_run
 from capsbench.report.format import accuracy_cell, markdown_table
+from capsbench.report.select import select_rows
 
 REDUCED = "reduced protocol: not comparable to the paper"
 
@@ -28,13 +29,10 @@ REDUCED = "reduced protocol: not comparable to the paper"
 
 
 def _per_seed(df: pd.DataFrame | None, model: str, **where: Any) -> list[tuple[float, int]]:
+    """(accuracy, n) of each of ``model``'s rows matching ``where`` (white-box rows of an attack table)."""
     if df is None or df.empty:
         return []
-    rows = df[df.model == model]
-    for key, value in where.items():
-        if key not in rows.columns:
-            return []
-        rows = rows[rows[key].sub(value).abs() < 1e-9] if isinstance(value, float) else rows[rows[key] == value]
+    rows, _ = select_rows(df, model, where)
     return [(float(r.accuracy), int(r.n)) for r in rows.itertuples()]
 
 
@@ -67,9 +65,7 @@ def headline(run: Run) -> pd.DataFrame:
     """One row per model: parameters, clean, composite, FGSM/PGD at 0.1 and 0.3, speeds, device."""
     t = run.tables
     models = list(run.config.get("models", []))
-    adv = t.get("adversarial")
-    if adv is not None and "source_model" in adv.columns:
-        adv = adv[adv.model == adv.source_model]  # white-box rows only
+    adv = t.get("adversarial")  # select_rows keeps its white-box rows
     rows = []
     for m in models:
         row = {"run": run.label + run.mark, "model": m, "params": _params(run, m),

@@ -15,7 +15,8 @@ def wilson_interval(correct: float, n: int, confidence: float = 0.95) -> tuple[f
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # min/max with p: in floating point the bounds can land a hair on the wrong side of p at 0/n or n/n
+    return (max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))
 
 
 def newcombe_interval(k1: float, n1: int, k2: float, n2: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -67,7 +67,7 @@ def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd
     if "clean" in tables:
         out += clean_section(tables["clean"])
     if claims is not None:
-        out += ["## Paper claims", "", "Verdicts by the rule in capsbench/claims.py; `claims.csv` has the same rows.", "",
+        out += ["## Paper claims", "", "Verdicts by the rule in capsbench/report/claims.py; `claims.csv` has the same rows.", "",
                 markdown_table(claims.astype(object).where(claims.notna(), "–")), ""]  # fmt: skip
     for run in runs:
         if len(runs) > 1:
