@@ -21,7 +21,7 @@ from capsbench.parts.base import PARTS, RunContext
 from capsbench.train.config import TrainConfig
 from tests.conftest import synthetic_digits
 
-NAMES = ("fgsm", "fgsm-targeted", "pgd", "noise")
+NAMES = tuple(ATTACKS.names())  # every registered attack; the properties below hold for each
 TINY_CAPS = dict(conv_channels=16, primary_types=4)
 
 
@@ -98,11 +98,11 @@ def make(name: str, model: BenchModel, eps: float, **kw) -> Attack:
 
 
 def labels_for(name: str, y: torch.Tensor) -> torch.Tensor:
-    return (y + 3) % 10 if name == "fgsm-targeted" else y
+    return (y + 3) % 10 if ATTACKS.get(name).targeted else y  # a targeted attack takes target classes
 
 
 def test_registry_has_the_four_attacks():
-    assert set(NAMES) <= set(ATTACKS.names())
+    assert {"fgsm", "fgsm-targeted", "pgd", "noise"} <= set(NAMES)
     with pytest.raises(CapsbenchError, match="known attacks"):
         ATTACKS.get("cw")
 

@@ -67,30 +67,42 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
-@pytest.mark.parametrize(
-    ("args", "needles"),
-    [
-        (["train", "capsule"], ["unknown model 'capsule'", "capsnet, cnn-paper, cnn-pooled"]),
-        (["train", "capsnet", "--preset", "huge"], ["unknown preset 'huge'", "smoke"]),
-        (["train", "capsnet", "--set", "train.stepz=3"], ["unknown key train.stepz", "steps"]),
-        (["train", "capsnet", "--set", "train.steps=many"], ["train.steps: expected int", "many"]),
-        (["train", "capsnet", "--set", "train.batch_size=0"], ["batch_size must be > 0"]),
-        (["run", "nosuchsuite"], ["unknown suite 'nosuchsuite'", "robustness"]),
-        (["run", "robustness", "--set", "colour=1"], ["unknown suite key 'colour'"]),
-        (["run", "robustness", "--models", "capsnet,resnet"], ["unknown model 'resnet'"]),
-        (["run", "robustness", "--set", "train.lr=-1"], ["lr must be > 0"]),
-        (["run", "robustness", "--set", "train.amp=fp16"], ["train.amp must be one of auto, fp32, bf16"]),
-        (["run", "robustness", "--seeds", "0,x"], ["--seeds takes comma-separated integers"]),
-        (["run", "robustness", "--seed", "1", "--seeds", "0,1"], ["either --seed or --seeds"]),
-        (["report", "/nonexistent/run"], ["is not a capsbench run folder"]),
-    ],
-)
+BAD_INPUT = [
+    (["train", "capsule"], ["unknown model 'capsule'", "capsnet, cnn-paper, cnn-pooled"]),
+    (["train", "capsnet", "--preset", "huge"], ["unknown preset 'huge'", "smoke"]),
+    (["train", "capsnet", "--set", "train.stepz=3"], ["unknown key train.stepz", "steps"]),
+    (["train", "capsnet", "--set", "train.steps=many"], ["train.steps: expected int", "many"]),
+    (["train", "capsnet", "--set", "train.batch_size=0"], ["batch_size must be > 0"]),
+    (["run", "nosuchsuite"], ["unknown suite 'nosuchsuite'", "robustness"]),
+    (["run", "robustness", "--set", "colour=1"], ["unknown suite key 'colour'"]),
+    (["run", "robustness", "--models", "capsnet,resnet"], ["unknown model 'resnet'"]),
+    (["run", "robustness", "--set", "train.lr=-1"], ["lr must be > 0"]),
+    (["run", "robustness", "--set", "train.amp=fp16"], ["train.amp must be one of auto, fp32, bf16"]),
+    (["run", "robustness", "--seeds", "0,x"], ["--seeds takes comma-separated integers"]),
+    (["run", "robustness", "--seed", "1", "--seeds", "0,1"], ["either --seed or --seeds"]),
+    (["report", "/nonexistent/run"], ["is not a capsbench run folder"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), BAD_INPUT)
+def test_bad_input_in_process_returns_2_with_one_line(args, needles, tmp_path, capsys):
+    """The fast tier's copy of the subprocess test below: same inputs, main() called directly."""
+    argv = [*args, "--out", str(tmp_path / "out")] if args[0] == "run" else list(args)
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and all(n in err[0] for n in needles), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "needles"), BAD_INPUT)
 def test_bad_input_is_one_line_exit_2(args, needles, tmp_path):
     proc = run_cli(*args, "--out", str(tmp_path / "out")) if args[0] == "run" else run_cli(*args)
     _one_line_error(proc, *needles)
     assert not (tmp_path / "out").exists()  # refused before any work: nothing written
 
 
+@pytest.mark.slow
 def test_bad_suite_file_is_refused(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("models = [\n")
@@ -99,6 +111,7 @@ def test_bad_suite_file_is_refused(tmp_path):
     _one_line_error(run_cli("run", str(bad)), "models must be a non-empty list")
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback():
     proc = run_cli("train", "capsule", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr

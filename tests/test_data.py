@@ -90,6 +90,7 @@ def hub_archive(tensors, scale=256.0) -> bytes:
     return gzip.compress(pickle.dumps(obj, protocol=3), 1)
 
 
+@pytest.mark.slow
 def test_hub_archive_converts_exactly_back_to_uint8(tensors):
     archive = hub_archive(tensors)
     m = mn.mnist_from_hub_bytes(archive, hashlib.sha256(archive).hexdigest())

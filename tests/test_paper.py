@@ -22,6 +22,7 @@ def run_paper(out, cache, *extra: str) -> int:
                  "--no-progress", "--set", "train.steps=20", *extra])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_run_paper_measures_the_chosen_claims(shared_cache, tmp_path):  # noqa: F811
     out = tmp_path / "paper"
     assert run_paper(out, shared_cache, "--claims", CLAIMS) == 0
@@ -49,6 +50,7 @@ def test_run_paper_measures_the_chosen_claims(shared_cache, tmp_path):  # noqa: 
     assert_report_has_every_plot(out)
 
 
+@pytest.mark.slow
 def test_claims_only_counting_parameters_train_nothing(shared_cache, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "params"
     assert run_paper(out, shared_cache, "--claims", "params-capsnet-nodecoder,params-baseline") == 0
@@ -59,6 +61,7 @@ def test_claims_only_counting_parameters_train_nothing(shared_cache, tmp_path, c
     assert "trained" not in capsys.readouterr().err  # no model was trained or fetched
 
 
+@pytest.mark.slow
 def test_claims_a_suite_cannot_measure_are_refused(shared_cache, tmp_path, capsys):  # noqa: F811
     assert main(["run", "throughput", "--preset", "smoke", "--out", str(tmp_path / "x"), "--data-dir", str(shared_cache),
                  "--claims", "adversarial-fgsm"]) == 2  # fmt: skip

@@ -12,6 +12,8 @@ from capsbench.cli import main
 from capsbench.data.mnist import cache_dir
 from capsbench.suite import known_suites
 
+pytestmark = pytest.mark.slow  # every test here runs suites end to end on real MNIST
+
 COLUMNS = {
     "clean": {"model", "accuracy", "n", "seed"},
     "affine": {"model", "transform", "value", "accuracy", "n", "seed"},

@@ -27,6 +27,7 @@ def _train(fake, cfg, ckpt=None, seed=0, name="cnn-pooled", opts=None):
     return model, Trainer(model, MnistTask(cfg, fake, CPU), ckpt, progress=False).run()
 
 
+@pytest.mark.slow
 def test_training_lifts_accuracy_far_above_chance(fake_mnist):
     cfg = train_config("smoke", steps=40, test_subset=256)
     _, result = _train(fake_mnist, cfg, name="capsnet", opts=TINY_CAPS)
@@ -34,6 +35,7 @@ def test_training_lifts_accuracy_far_above_chance(fake_mnist):
     assert result.steps == 40 and result.train_images_per_s > 0
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_gives_identical_weights(fake_mnist, tmp_path):
     cfg = train_config("smoke", steps=12, checkpoint_every=5, log_every=3, test_subset=64)
     full, _ = _train(fake_mnist, cfg)
@@ -177,6 +179,7 @@ def _train_in_process(root: str, queue) -> None:
     queue.put((tm.cached, tm.model.state_dict()["W"].sum().item()))
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_training_run(cache_root):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
