@@ -17,7 +17,9 @@ def forward_batches(model: BenchModel, x: Tensor, batch_size: int | None = None,
                     prepare: Callable[[Tensor], Tensor] | None = None) -> Iterator[tuple[slice, ModelOutput]]:  # fmt: skip
     """(rows, output) for consecutive batches of ``x``, in eval mode (restored afterwards), without
     gradients, under autocast ``dtype`` (None = fp32); ``prepare`` maps each raw batch first.
-    ``batch_size`` None: the whole of ``x`` at once."""
+    ``batch_size`` None: the whole of ``x`` at once. The caller's loop body runs inside those
+    contexts too; one that breaks out early leaves them when the generator is closed (at once in
+    CPython, when the generator is dropped)."""
     step = batch_size or max(len(x), 1)  # None: one batch
     with eval_mode(model), torch.no_grad():
         for i in range(0, len(x), step):
