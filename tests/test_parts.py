@@ -68,7 +68,7 @@ def table1_case(data, root):
     """One parameter count and one (barely) trained Table 1 variant, so both tables are written."""
     from capsbench.parts.table1 import Table1Config
 
-    train = TrainConfig(steps=2, batch_size=8, augment="none", test_subset=16, log_every=1, amp="off")
+    train = TrainConfig(steps=2, batch_size=8, augment="none", test_subset=16, log_every=1, amp="fp32")
     ctx = replace(synthetic_context(data, root), train_cfg=train)
     return ctx, Table1Config(claims=["params-baseline", "mnist-error-r1-norecon"], augment="none", test_n=16)
 

@@ -7,6 +7,7 @@ from typing import ContextManager
 
 import torch
 
+from capsbench.core.config import PRECISION_ALIASES
 from capsbench.core.errors import CapsbenchError
 
 
@@ -25,9 +26,10 @@ def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype of a precision (``core.config.Precision``, checked where configs are
     read): ``auto`` is bf16 on CUDA and full fp32 on the CPU (CPU bf16 is slower without AMX);
     None means fp32, no autocast."""
+    precision = PRECISION_ALIASES.get(precision, precision)  # a config built without from_dict may hold "off"
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp32": None, "off": None}[precision]
+    return {"bf16": torch.bfloat16, "fp32": None}[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:

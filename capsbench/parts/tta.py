@@ -251,7 +251,8 @@ def run_tta(ctx: RunContext, cfg: TimeToAccuracyConfig) -> PartResult:
         curve += [{"repeat": i, "seed": seed, **r} for r in rows]
         results.append(result_row(rows, cfg, info, seed, i))
         print(f"  tta {outcome(results[-1])}", file=sys.stderr)
-    curve_df, df = pd.DataFrame(curve), pd.DataFrame(results)
+    curve_df = pd.DataFrame(curve, columns=TTA_TABLES["tta_curve"])
+    df = pd.DataFrame(results, columns=TTA_TABLES["tta"])
     checks = sanity_checks(curve_df, df, cfg)
     figures = {"tta_curve": curve_figure(curve_df, cfg, info["device"])}
     return PartResult({"tta": df, "tta_curve": curve_df}, figures, summary(df, cfg, info, options, checks), checks)
