@@ -131,6 +131,7 @@ def resolve(raw: dict[str, Any], name: str, req: RunRequest) -> Resolved:
     parts = {}
     for p in _check_list(merged.get("parts"), "parts"):
         parts[p] = from_dict(PARTS.get(p).config, merged.get(p, {}), where=p)
+    precheck_parts(parts, models)
     for p in set(PARTS.names()) - set(parts):
         if p in merged:  # validate tables of parts not run, so typos never pass silently
             from_dict(PARTS.get(p).config, merged[p], where=p)
@@ -138,3 +139,19 @@ def resolve(raw: dict[str, Any], name: str, req: RunRequest) -> Resolved:
     if not isinstance(test_n, int) or isinstance(test_n, bool) or test_n < 0:
         raise CapsbenchError(f"test_n must be an integer >= 0 (0 = the whole test set), got {test_n!r}")
     return Resolved(name, str(merged.get("description", "")), preset, device, train, models, parts, test_n)
+
+
+def precheck_parts(parts: dict[str, Any], models: dict[str, dict[str, Any]]) -> None:
+    """Each part's checks of its config against the run's models, built on the meta device (no
+    memory, no weights), so that e.g. an attack loss no model provides fails before any work."""
+    import torch
+
+    from capsbench.models import build_model
+
+    checks = [(PARTS.get(p).precheck, cfg) for p, cfg in parts.items() if PARTS.get(p).precheck]
+    if not checks:
+        return
+    with torch.device("meta"):
+        built = {m: build_model(m, **opts) for m, opts in models.items()}
+    for fn, cfg in checks:
+        fn(cfg, built)

@@ -128,7 +128,10 @@ def _adv(rows):
     import pandas as pd
 
     cols = ["model", "source_model", "attack", "eps", "accuracy", "n", "correct", "seed"]
-    return {"adversarial": pd.DataFrame(rows, columns=cols)}
+    df = pd.DataFrame(rows, columns=cols).assign(loss="any")
+    checks = pd.DataFrame([{"model": m, "check": c, "name": f"{m} {c}", "passed": True}
+                           for m in ("capsnet", "cnn-pooled") for c in ("eps0", "iterative", "transfer", "worst")])  # fmt: skip
+    return {"adversarial": df, "adversarial_checks": checks}
 
 
 def test_measure_difference_claim_one_seed_and_several():
@@ -150,6 +153,46 @@ def test_measure_difference_claim_one_seed_and_several():
     s = seed_summary([-1.0, 2.0, -2.0])
     assert m["n_seeds"] == 3 and m["mean"] == pytest.approx(s["mean"]) and m["ci_low"] == pytest.approx(s["ci_low"])
     assert claim_row(claim, several, "full")["verdict"] == "inconclusive"  # the interval straddles 0
+
+
+def test_a_failed_sanity_check_makes_the_claim_inconclusive():
+    from capsbench.report.claims import claim_row
+
+    claim = load_claims()["adversarial-fgsm"]
+    tables = _adv([["capsnet", "capsnet", "fgsm", 0.1, 0.8, 1000, 800, 0], ["cnn-pooled", "cnn-pooled", "fgsm", 0.1, 0.6, 1000, 600, 0]])
+    assert claim_row(claim, tables, "full")["verdict"] == "reproduced"
+    checks = tables["adversarial_checks"]
+    checks.loc[(checks.model == "cnn-pooled") & (checks.check == "iterative"), "passed"] = False  # the compared model's
+    row = claim_row(claim, tables, "full")
+    assert row["verdict"] == "inconclusive" and "sanity check failed: cnn-pooled iterative" in row["notes"]
+    del tables["adversarial_checks"]
+    row = claim_row(claim, tables, "full")
+    assert row["verdict"] == "inconclusive" and "none recorded" in row["notes"]
+
+
+def load_claims_text() -> str:
+    from importlib import resources
+
+    return resources.files("capsbench.report").joinpath("claims.toml").read_text()
+
+
+def test_claims_file_with_an_unknown_check_is_refused():
+    text = load_claims_text().replace('checks = ["eps0", "iterative", "transfer", "worst"]', 'checks = ["eps0", "vibes"]')
+    with pytest.raises(CapsbenchError, match="claim 'adversarial-fgsm': unknown check 'vibes'; known checks: eps0"):
+        load_claims(text)
+
+
+def test_detection_claim_reads_detected_over_fooled():
+    import pandas as pd
+
+    from capsbench.report.claims import claim_row
+
+    claim = load_claims()["reconstruction-detection"]
+    det = pd.DataFrame([{"model": "capsnet", "attack": "autoattack", "loss": "standard", "eps": 0.3, "n": 1000,
+                         "fooled": 900, "detected": 810, "seed": 0}])  # fmt: skip
+    checks = pd.DataFrame([{"model": "capsnet", "check": "detector", "name": "fpr", "passed": True}])
+    row = claim_row(claim, {"adversarial_detection": det, "adversarial_checks": checks}, "full")
+    assert row["measured_mean"] == pytest.approx(90.0) and row["verdict"] == "reproduced"
 
 
 def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():

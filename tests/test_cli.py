@@ -81,6 +81,13 @@ BAD_INPUT = [
     (["run", "robustness", "--seeds", "0,x"], ["--seeds takes comma-separated integers"]),
     (["run", "robustness", "--seed", "1", "--seeds", "0,1"], ["either --seed or --seeds"]),
     (["report", "/nonexistent/run"], ["is not a capsbench run folder"]),
+    (["run", "adversarial", "--set", 'adversarial.losses=["hinge"]'], ["unknown attack loss 'hinge'", "ce, cw, dlr, margin"]),
+    (["run", "adversarial", "--models", "cnn-pooled", "--set", 'adversarial.losses=["margin"]'],
+     ["no model of this run (cnn-pooled)", "'margin' needs capsule lengths"]),
+    (["run", "adversarial", "--set", "adversarial.apgd_steps=0"], ["adversarial.apgd_steps must be >= 1"]),
+    (["run", "adversarial", "--set", "adversarial.apgd_restarts=-1"], ["adversarial.apgd_restarts must be >= 1"]),
+    (["run", "adversarial", "--set", "adversarial.square_queries=0"], ["adversarial.square_queries must be >= 1"]),
+    (["run", "adversarial", "--set", 'adversarial.aa_stages=["fab-t"]'], ["unknown attack 'fab-t'"]),
 ]
 
 

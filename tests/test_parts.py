@@ -27,12 +27,14 @@ def affine_case(data, root):
 
 def adversarial_case(data, root):
     from capsbench.parts.adversarial import AdversarialConfig
+    from tests import test_adversarial as ta
     from tests import test_attacks as tk
 
     torch.manual_seed(0)
     caps = build_model("capsnet", **tk.TINY_CAPS).eval()
-    ctx = tk.fake_context({"capsnet": caps, "cnn-tiny": tk.tiny_cnn().eval()}, n=16)
-    values = dict(n=16, pgd_n=8, eps=[0.0, 0.1], pgd_steps=2, examples=2, batch_size=8)
+    ctx = ta.fake_context({"capsnet": caps, "cnn-tiny": tk.tiny_cnn().eval()}, n=40)
+    values = dict(n=16, pgd_n=8, eps=[0.0, 0.1], aa_eps=[0.1], pgd_steps=2, examples=2, batch_size=8, apgd_steps=2,
+                  apgd_targets=1, square_queries=3, check_restarts=1, recon_steps=2, detect_val_n=24)  # fmt: skip
     return ctx, from_dict(AdversarialConfig, values, "adversarial")
 
 

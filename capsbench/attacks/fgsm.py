@@ -13,8 +13,7 @@ class FGSM(SingleStep):
 
 @ATTACKS.register("fgsm-targeted")
 class TargetedFGSM(SingleStep):
-    """Targeted FGSM (Kurakin et al. 2017), L-inf: one step *down* the target class's loss,
-    x - eps * sign(grad_x loss(x, target))."""
+    """Targeted FGSM (Kurakin et al. 2017), L-inf: one step up the loss's targeted form, i.e. down
+    the target class's loss for ``own``/``margin``/``ce``: x - eps * sign(grad_x loss(x, target))."""
 
     targeted = True
-    step_sign = -1.0

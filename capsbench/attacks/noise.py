@@ -13,6 +13,6 @@ class SignNoise(Attack):
     """Random-sign noise of the attack's size, x + eps * sign(uniform(-1, 1)), L-inf: the
     non-adversarial baseline every attack should beat (Carlini et al. 2019)."""
 
-    def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
+    def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator | None, target: Tensor | None) -> Tensor:
         u = torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1
         return x + self.eps * u.sign()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from capsbench.attacks.base import ATTACKS, Attack
+from capsbench.attacks.base import ATTACKS, Attack, project
 from capsbench.models import BenchModel
 
 
@@ -17,21 +17,23 @@ class PGD(Attack):
     [0, 1]. ``step_size=0`` means 2.5 * eps / steps (Madry et al.'s rule)."""
 
     def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None,
-                 batch_size: int | None = None, steps: int = 10, step_size: float = 0.0,
-                 random_start: bool = False) -> None:  # fmt: skip
-        super().__init__(model, eps, dtype, batch_size)
+                 batch_size: int | None = None, loss: str | None = None, steps: int = 10,
+                 step_size: float = 0.0, random_start: bool = False) -> None:  # fmt: skip
+        super().__init__(model, eps, dtype, batch_size, loss)
         if steps < 1 or step_size < 0:
             raise ValueError(f"PGD needs steps >= 1 and step_size >= 0, got {steps}, {step_size}")
         self.steps = steps
         self.step_size = step_size if step_size > 0 else 2.5 * self.eps / steps
         self.random_start = random_start
 
-    def perturb(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> Tensor:
-        adv = x
-        if self.random_start:
-            noise = torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1
-            adv = (x + self.eps * noise).clamp(0, 1)
+    def start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        if not self.random_start:
+            return x
+        noise = torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1
+        return (x + self.eps * noise).clamp(0, 1)
+
+    def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator | None, target: Tensor | None) -> Tensor:
+        adv = self.start(x, generator)
         for _ in range(self.steps):
-            adv = adv + self.step_size * self.loss_grad(adv, labels).sign()
-            adv = torch.min(torch.max(adv, x - self.eps), x + self.eps).clamp(0, 1)
+            adv = project(adv + self.step_size * self.loss_grad(adv, y, target).sign(), x, self.eps)
         return adv

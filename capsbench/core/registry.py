@@ -30,7 +30,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise CapsbenchError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}")
+            plural = self.kind + ("es" if self.kind.endswith("s") else "s")
+            raise CapsbenchError(f"unknown {self.kind} {name!r}; known {plural}: {known}")
         return self._items[name]
 
     def meta(self, name: str) -> dict[str, Any]:

@@ -28,6 +28,9 @@ class BenchModel(nn.Module):
     input_size: int
     num_classes: int
     loss_name: str  # what objective() and attack_loss() compute, for reports
+    own_loss: str = "ce"  # the attack-loss name (capsbench.attacks.losses) of the training loss
+    score_kind = "logits"  # what ``ModelOutput.scores`` are: "logits", or "lengths" (capsule lengths)
+    score_name = "logits"  # what ``attack_scores`` returns, for reports
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:  # noqa: D102
         raise NotImplementedError
@@ -39,6 +42,16 @@ class BenchModel(nn.Module):
     def attack_loss(self, out: ModelOutput, y: Tensor) -> Tensor:
         """Per-example loss (B,) that white-box attacks increase: the model's own class loss."""
         raise NotImplementedError
+
+    def attack_scores(self, out: ModelOutput) -> Tensor:
+        """Class scores (B, C) in fp32 for score-based attack losses (ce, dlr, cw): real-valued,
+        logit-like, with the same argmax as ``out.scores``."""
+        return out.scores.float()
+
+    @property
+    def reconstructs(self) -> bool:
+        """Does ``forward`` return a class-conditional reconstruction (the DARCCC detector's input)?"""
+        return False
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

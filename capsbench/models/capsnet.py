@@ -81,6 +81,9 @@ class CapsNet(BenchModel):
     """Conv1 -> PrimaryCaps -> DigitCaps (dynamic routing) -> optional decoder."""
 
     loss_name = "margin loss (attacks: margin loss on capsule lengths)"
+    own_loss = "margin"
+    score_kind = "lengths"
+    score_name = "log(l / (1 - l)) of the capsule lengths l (= 2 log of the pre-squash norm)"
 
     def __init__(self, cfg: CapsNetConfig) -> None:
         super().__init__()
@@ -207,3 +210,15 @@ class CapsNet(BenchModel):
 
     def attack_loss(self, out: ModelOutput, y: Tensor) -> Tensor:
         return self.margin_loss(out.scores.float(), y)
+
+    def attack_scores(self, out: ModelOutput) -> Tensor:
+        """log(l / (1 - l)) of the lengths l (B, C): lengths are not logits (they live in [0, 1) and
+        a softmax over them is nearly flat). Since l = n^2 / (1 + n^2) for the pre-squash norm n,
+        this is 2 log n: monotone in l (same prediction), unbounded like logits, and steepest
+        where the margin loss is flat (l above m+ or below m-)."""
+        lengths = out.scores.float().clamp(1e-12, 1 - 1e-7)  # finite at l = 0 and l = 1 in fp32
+        return torch.log(lengths) - torch.log1p(-lengths)
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.decoder is not None

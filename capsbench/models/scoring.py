@@ -48,3 +48,11 @@ def count_correct(model: BenchModel, x: Tensor, y: Tensor, batch_size: int | Non
     for rows, out in forward_batches(model, x, batch_size, dtype, prepare):
         correct += (predict(out) == y[rows]).sum()
     return correct
+
+
+def reconstruction_error(out: ModelOutput, x: Tensor) -> Tensor:
+    """L2 distance (B,) between each input ``x`` (B, 1, S, S) and its reconstruction from the
+    predicted class capsule (the DARCCC detector's statistic, Frosst, Sabour & Hinton 2018)."""
+    if out.reconstruction is None:
+        raise ValueError("this model returns no reconstruction (a CapsNet without its decoder, or a CNN)")
+    return (out.reconstruction.float() - x.flatten(1).float()).pow(2).sum(dim=1).sqrt()

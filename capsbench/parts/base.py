@@ -25,6 +25,8 @@ class Check:
     name: str
     passed: bool
     detail: str  # the numbers behind the verdict
+    key: str = ""  # a short id claims can name (e.g. "square"); "" = informational
+    model: str = ""  # the model it is about ("" = the run)
 
 
 @dataclass
@@ -75,17 +77,22 @@ class Part:
     tables: dict[str, tuple[str, ...]]  # table name -> its columns, in order
     needs_training: bool = True  # False: the part trains its own models, or needs none
     per_seed: bool = True  # False: its numbers do not depend on the seed (run with the first seed only)
+    # Checks of the config against the run's models (built on the meta device: no weights), run
+    # while the suite resolves, before any work: raise CapsbenchError with one clear line.
+    precheck: Callable[[Any, dict[str, Any]], None] | None = None
 
 
 PARTS: Registry[Part] = Registry("suite part")
 
 
 def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_training: bool = True,
-         per_seed: bool = True) -> Callable[[PartFn], PartFn]:  # fmt: skip
+         per_seed: bool = True, precheck: Callable[[Any, dict[str, Any]], None] | None = None,
+         ) -> Callable[[PartFn], PartFn]:  # fmt: skip
     """Register the decorated run function as part ``name``."""
 
     def deco(fn: PartFn) -> PartFn:
-        PARTS.register(name)(Part(name, config, fn, {k: tuple(v) for k, v in tables.items()}, needs_training, per_seed))
+        tabs = {k: tuple(v) for k, v in tables.items()}
+        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck))
         return fn
 
     return deco

@@ -28,7 +28,12 @@ from capsbench.report.stats import newcombe_interval, seed_summary, wilson_inter
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
 FIELDS = ("source", "statement", "paper_value", "unit", "metric", "protocol", "model", "options", "part", "table",
           "value", "where")
-VALUES = ("accuracy", "error", "params")
+VALUES = ("accuracy", "error", "params", "detection")  # detection: detected / fooled (detection tables)
+# Sanity-check keys a claim may list (``checks``): a failed one, for the claim's model or the
+# model it is compared with, makes the verdict inconclusive. Written by the parts into
+# tables/<claim part>_checks.csv.
+CHECK_KEYS = ("eps0", "monotone", "iterative", "near-zero", "transfer", "square", "convergence", "restarts", "worst",
+              "detector")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Claim:
     where: dict[str, Any] = field(default_factory=dict)  # row filter; a list = first value with rows
     minus: str = ""  # a second model to subtract (a difference claim), on the same images
     train: dict[str, Any] = field(default_factory=dict)  # training-config overrides of this claim's model
+    checks: tuple[str, ...] = ()  # sanity-check keys (CHECK_KEYS) that must pass for a verdict
 
     @property
     def tolerance_rule(self) -> str:
@@ -74,9 +80,14 @@ def _claim(cid: str, raw: dict[str, Any]) -> Claim:
         raise CapsbenchError(f"claim {cid!r}: band [{lo}, {hi}] is empty")
     if raw["value"] not in VALUES:
         raise CapsbenchError(f"claim {cid!r}: value must be one of {', '.join(VALUES)}, got {raw['value']!r}")
+    checks = raw.get("checks", [])
+    bad = [c for c in checks if c not in CHECK_KEYS] if isinstance(checks, list) else [checks]
+    if bad:
+        raise CapsbenchError(f"claim {cid!r}: unknown check {bad[0]!r}; known checks: {', '.join(CHECK_KEYS)}")
     return Claim(cid, raw["source"], raw["statement"], float(raw["paper_value"]), raw["unit"], raw["metric"],
                  raw["protocol"], raw["model"], (lo, hi), dict(raw["options"]), raw["part"], raw["table"],
-                 raw["value"], dict(raw["where"]), raw.get("minus", ""), dict(raw.get("train", {})))  # fmt: skip
+                 raw["value"], dict(raw["where"]), raw.get("minus", ""), dict(raw.get("train", {})),
+                 tuple(checks))  # fmt: skip
 
 
 def load_claims(text: str | None = None) -> dict[str, Claim]:
@@ -124,7 +135,9 @@ def _proportions(claim: Claim, rows: pd.DataFrame) -> dict[int, tuple[float, int
     out = {}
     for r in rows.itertuples():
         n = int(r.n)
-        if claim.value == "error":
+        if claim.value == "detection":
+            k, n = r.detected, int(r.fooled)
+        elif claim.value == "error":
             k = r.error * n if "error" in rows.columns else n - r.accuracy * n
         else:
             k = r.correct if "correct" in rows.columns else r.accuracy * n
@@ -184,5 +197,23 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
     if m.get("failed"):  # a model that did not learn cannot speak for or against the claim
         decided = "inconclusive"
         notes.append(f"training failed (accuracy at chance) for seed(s) {', '.join(map(str, m['failed']))}")
+    failed_checks = gate_checks(claim, tables)
+    if failed_checks:
+        decided = "inconclusive"
+        notes.append(f"sanity check failed: {failed_checks}")
     return {**row, "measured_mean": round(m["mean"], 6), "ci_low": round(m["ci_low"], 6), "ci_high": round(m["ci_high"], 6),
             "n_seeds": m["n_seeds"], "verdict": decided, "notes": "; ".join(notes)}  # fmt: skip
+
+
+def gate_checks(claim: Claim, tables: dict[str, pd.DataFrame]) -> str:
+    """The claim's failed sanity checks, for its model and the one it is compared with, as one
+    line ('' when all passed); a run that recorded none fails them all."""
+    if not claim.checks:
+        return ""
+    df = tables.get(f"{claim.part}_checks")
+    if df is None or df.empty:
+        return f"none recorded (tables/{claim.part}_checks.csv), needed: {', '.join(claim.checks)}"
+    models = {claim.model} | ({claim.minus} if claim.minus else set())
+    bad = df[df.model.isin(models) & df.check.isin(claim.checks) & ~df.passed.astype(bool)]
+    names = list(dict.fromkeys(bad.name))
+    return "; ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

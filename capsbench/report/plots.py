@@ -20,6 +20,9 @@ def with_intervals(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(pct=100 * df.accuracy, lo=[100 * b[0] for b in bounds], hi=[100 * b[1] for b in bounds])
 
 
+LINE_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3))]
+
+
 def accuracy_lines(df: pd.DataFrame, x: str, hue: str, style: str | None = None, xlabel: str = "",
                    ylabel: str = "accuracy (%)", title: str = "", ax=None) -> Figure:  # fmt: skip
     """Accuracy (%) against ``x``, one line per hue/style group, with 95% Wilson bands."""
@@ -27,7 +30,7 @@ def accuracy_lines(df: pd.DataFrame, x: str, hue: str, style: str | None = None,
     ax = ax if ax is not None else fig.subplots()
     d = with_intervals(df)
     palette = dict(zip(sorted(d[hue].unique()), sns.color_palette("colorblind")))
-    styles = dict(zip(sorted(d[style].unique()), ["-", "--", ":", "-."])) if style else {None: "-"}
+    styles = {v: LINE_STYLES[i % len(LINE_STYLES)] for i, v in enumerate(sorted(d[style].unique()))} if style else {None: "-"}
     groups = d.groupby([hue, style] if style else [hue], sort=True)
     for key, g in groups:
         h, s = (key if style else (key[0] if isinstance(key, tuple) else key, None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from statistics import NormalDist
 
@@ -60,3 +61,17 @@ def seed_summary(values: list[float]) -> dict[str, float]:
     half = t_quantile_975(n - 1) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n_seeds": n}
 
+
+
+def roc_auc(negatives: list[float], positives: list[float]) -> float:
+    """Area under the ROC curve of a score that should be higher for ``positives``: the chance a
+    random positive scores above a random negative, ties counting half (Mann-Whitney U / n1 n2).
+    NaN when either side is empty."""
+    if not negatives or not positives:
+        return math.nan
+    neg = sorted(negatives)
+    below = equal = 0.0
+    for p in positives:
+        lo, hi = bisect.bisect_left(neg, p), bisect.bisect_right(neg, p)
+        below, equal = below + lo, equal + (hi - lo)
+    return (below + equal / 2) / (len(neg) * len(positives))
