@@ -38,14 +38,14 @@ SMALL = dict(n=40, pgd_n=24, eps=[0.0, 0.1, 0.3], pgd_steps=3, examples=3, batch
 
 
 @pytest.fixture(scope="module")
-def caps_with_decoder(data):
+def caps_with_decoder(data):  # noqa: F811
     tx, ty, _, _ = data
     torch.manual_seed(0)
     return train(build_model("capsnet", **TINY_CAPS), tx, ty, steps=25, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
-def part_result(trained_cnn, caps_with_decoder):
+def part_result(trained_cnn, caps_with_decoder):  # noqa: F811
     ctx = fake_context({"capsnet": caps_with_decoder, "cnn-tiny": trained_cnn}, n=100)
     cfg = from_dict(AdversarialConfig, SMALL, "adversarial")
     return ctx, cfg, run_adversarial(ctx, cfg)
@@ -144,7 +144,7 @@ def test_part_is_seeded(part_result):
         pd.testing.assert_frame_equal(again.tables[name], res.tables[name])
 
 
-def test_precheck_refuses_a_loss_no_model_provides(trained_cnn):
+def test_precheck_refuses_a_loss_no_model_provides(trained_cnn):  # noqa: F811
     from capsbench.parts.adversarial_run import precheck
 
     cfg = from_dict(AdversarialConfig, {"losses": ["margin"]}, "adversarial")

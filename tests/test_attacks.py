@@ -1,24 +1,17 @@
-"""Attacks and the adversarial part: eps=0 is clean, the L-inf box holds, modes are restored,
-attacks hurt a trained model (PGD more than FGSM), and the part's outputs are what it documents."""
+"""Every registered attack: eps=0 is clean, the L-inf box holds, modes are restored, attacks hurt a
+trained model (PGD more than FGSM), examples do not depend on their batch. Shared fixtures for the
+attack and adversarial-part tests."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import pandas as pd
 import pytest
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from capsbench.attacks import ATTACKS, PGD, Attack
-from capsbench.core.config import from_dict
 from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, build_model, count_correct
 from capsbench.models.cnn import CNNClassifier
-from capsbench.parts.adversarial import AdversarialConfig, example_eps, run_adversarial
-from capsbench.parts.base import PARTS, RunContext
-from capsbench.train.config import TrainConfig
 from tests.conftest import synthetic_digits
 
 NAMES = tuple(ATTACKS.names())  # every registered attack; the properties below hold for each
@@ -87,40 +80,59 @@ def trained_cnn(data):
 
 
 @pytest.fixture(scope="module")
+def trained_caps_dec(data):
+    tx, ty, _, _ = data
+    torch.manual_seed(0)
+    return train(build_model("capsnet", **TINY_CAPS), tx, ty, steps=25, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
 def trained_caps(data):
     tx, ty, _, _ = data
     torch.manual_seed(0)
     return train(build_model("capsnet", **TINY_CAPS, reconstruction=False), tx, ty, steps=25, lr=1e-2)
 
 
+# Small budgets so every registered attack runs in a fraction of a second on the tiny models.
+BUDGETS = {"pgd": {"steps": 3}, "apgd": {"steps": 5}, "apgd-t": {"steps": 3, "targets": 2}, "square": {"queries": 20},
+           "reconstructive": {"steps": 3}}  # fmt: skip
+
+
 def make(name: str, model: BenchModel, eps: float, **kw) -> Attack:
-    return ATTACKS.get(name)(model, eps, **kw)
+    return ATTACKS.get(name)(model, eps, **{**BUDGETS.get(name, {}), **kw})
 
 
-def labels_for(name: str, y: torch.Tensor) -> torch.Tensor:
-    return (y + 3) % 10 if ATTACKS.get(name).targeted else y  # a targeted attack takes target classes
+def run(atk: Attack, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Call ``atk`` with true labels, and target classes when it is targeted."""
+    return atk(x, y, gen, target=(y + 3) % 10 if atk.targeted else None)
 
 
-def test_registry_has_the_four_attacks():
-    assert {"fgsm", "fgsm-targeted", "pgd", "noise"} <= set(NAMES)
+def model_for(name: str, cnn: BenchModel, caps_dec: BenchModel) -> BenchModel:
+    """The tiny trained CNN, or the tiny CapsNet with a decoder for attacks that need one."""
+    return caps_dec if name == "reconstructive" else cnn
+
+
+def test_registry_has_the_attacks():
+    assert {"fgsm", "fgsm-targeted", "pgd", "noise", "apgd", "apgd-t", "square", "reconstructive"} <= set(NAMES)
     with pytest.raises(CapsbenchError, match="known attacks"):
         ATTACKS.get("cw")
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_eps_zero_returns_input_and_clean_accuracy(name, trained_cnn, data):
+def test_eps_zero_returns_input_and_clean_accuracy(name, trained_cnn, trained_caps_dec, data):
     _, _, x, y = data
-    adv = make(name, trained_cnn, 0.0)(x, labels_for(name, y))
+    model = model_for(name, trained_cnn, trained_caps_dec)
+    adv = run(make(name, model, 0.0), x, y)
     assert torch.equal(adv, x)
-    assert count_correct(trained_cnn, adv, y).item() == count_correct(trained_cnn, x, y).item()
+    assert count_correct(model, adv, y).item() == count_correct(model, x, y).item()
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("eps", [0.05, 0.3])
-def test_output_in_unit_box_and_eps_ball(name, eps, trained_cnn, full_range):
+def test_output_in_unit_box_and_eps_ball(name, eps, trained_cnn, trained_caps_dec, full_range):
     x, y = full_range
     assert x.min() == 0 and x.max() == 1  # pixels at both bounds: the clamp matters
-    adv = make(name, trained_cnn, eps)(x, labels_for(name, y), torch.Generator().manual_seed(0))
+    adv = run(make(name, model_for(name, trained_cnn, trained_caps_dec), eps), x, y, torch.Generator().manual_seed(0))
     assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
     assert (adv - x).abs().max() <= eps + 1e-6
     assert (adv - x).abs().max() >= eps - 1e-6  # it moved by eps somewhere
@@ -135,13 +147,14 @@ def test_pgd_projects_large_steps_and_random_start(trained_cnn, full_range):
 @pytest.mark.parametrize("name", NAMES)
 def test_mode_and_requires_grad_restored(name, data):
     _, _, x, y = data
-    model = tiny_cnn()
+    torch.manual_seed(0)
+    model = build_model("capsnet", **TINY_CAPS) if name == "reconstructive" else tiny_cnn()
     model.train()
-    model.head[0].weight.requires_grad_(False)  # a mixed state must come back as it was
+    next(model.parameters()).requires_grad_(False)  # a mixed state must come back as it was
     flags = [p.requires_grad for p in model.parameters()]
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append((m.training, any(p.requires_grad for p in m.parameters()))))
-    adv = make(name, model, 0.1)(x[:8], labels_for(name, y[:8]), torch.Generator().manual_seed(0))
+    adv = run(make(name, model, 0.1), x[:8], y[:8], torch.Generator().manual_seed(0))
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     if name != "noise":  # noise never runs the model
         assert seen and all(not training and not grads for training, grads in seen)
@@ -151,7 +164,9 @@ def test_mode_and_requires_grad_restored(name, data):
 def test_targeted_step_lowers_target_loss(trained_cnn, data):
     _, _, x, y = data
     target = (y + 1 + torch.randint(0, 9, y.shape, generator=torch.Generator().manual_seed(1))) % 10
-    adv = make("fgsm-targeted", trained_cnn, 0.05)(x, target)
+    adv = make("fgsm-targeted", trained_cnn, 0.05)(x, y, target=target)
+    with pytest.raises(ValueError, match="targeted: pass target classes"):
+        make("fgsm-targeted", trained_cnn, 0.05)(x, y)
     with torch.no_grad():
         before = trained_cnn.attack_loss(trained_cnn(x), target).mean()
         after = trained_cnn.attack_loss(trained_cnn(adv), target).mean()
@@ -214,10 +229,10 @@ def test_single_step_direction_reuse_gives_the_images_of_a_fresh_call(name, trai
     """The adversarial part computes a single-step attack's direction once per eps sweep; every eps
     must still get bit-identical images to a fresh attack at that eps, with the same masking count."""
     _, _, x, y = data
-    labels = labels_for(name, y)
-    d = make(name, trained_caps, 0.1).direction(x, labels)
+    target = (y + 3) % 10 if name == "fgsm-targeted" else None
+    d = make(name, trained_caps, 0.1).direction(x, y, target)
     assert set(d.unique().tolist()) <= {-1.0, 0.0, 1.0}
     for eps in (0.0, 0.05, 0.3):
         fresh = make(name, trained_caps, eps)
-        expected = fresh(x, labels)
+        expected = fresh(x, y, target=target)
         assert torch.equal(make(name, trained_caps, eps).from_direction(x, d), expected)

@@ -254,3 +254,11 @@ def test_wilson_interval_contains_the_proportion_at_the_extremes(n):
     for k in (0, n):
         lo, hi = wilson_interval(k, n)
         assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+
+
+def test_roc_auc_counts_pairs_and_ties():
+    from capsbench.report.stats import roc_auc
+
+    assert roc_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and roc_auc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert roc_auc([0.1, 0.5], [0.5]) == pytest.approx(0.75)  # one win, one tie over two pairs
+    assert math.isnan(roc_auc([], [0.1])) and math.isnan(roc_auc([0.1], []))

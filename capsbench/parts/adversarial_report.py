@@ -291,6 +291,11 @@ def summary(df: pd.DataFrame, clean: pd.DataFrame, aa: pd.DataFrame, det: pd.Dat
                 "adaptive attack of Qin et al. (2020) that keeps the reconstruction error under the threshold", "",
                 markdown_table(d[["model", "attack", "loss", "eps", "fooled", "detected", "auc", "undetected_success"]]),
                 ""]  # fmt: skip
+    skipped = [m for m, tm in ctx.models.items() if cfg.detect and tm.model.reconstructs and m not in set(det.model)]
+    if skipped:
+        out += [f"**Reconstruction detector** not run for {', '.join(skipped)}: {len(data.x_val)} clean test images "
+                f"after the {len(data.y)} evaluated ones, fewer than the 20 its threshold needs (lower adversarial.n "
+                "or raise test_n)", ""]  # fmt: skip
     tr = df[df.model != df.source_model]
     if not tr.empty:
         out += ["**Transfer**: accuracy of `model` on examples crafted on `source_model` through `loss`", "",
