@@ -94,7 +94,7 @@ def trained_caps(data):
 
 
 # Small budgets so every registered attack runs in a fraction of a second on the tiny models.
-BUDGETS = {"pgd": {"steps": 3}, "apgd": {"steps": 5}, "apgd-t": {"steps": 3, "targets": 2}, "square": {"queries": 20},
+BUDGETS = {"apgd": {"steps": 5}, "apgd-t": {"steps": 3, "targets": 2}, "square": {"queries": 20},
            "reconstructive": {"steps": 3}}  # fmt: skip
 
 

@@ -31,6 +31,13 @@ class Logits(nn.Module):
         return self.model(x).scores
 
 
+@pytest.fixture(autouse=True)
+def keep_global_rng():
+    """torchattacks seeds the global generator; later tests must not see that."""
+    with torch.random.fork_rng():
+        yield
+
+
 @pytest.fixture(scope="module")
 def batch(data):  # noqa: F811
     _, _, x, y = data
@@ -50,15 +57,16 @@ def test_fgsm_images_identical(eps, trained_cnn, batch):  # noqa: F811
     assert torch.equal(ours, theirs), f"max abs diff {(ours - theirs).abs().max().item()}"
 
 
-@pytest.mark.parametrize("eps, alpha", [(0.1, 0.02), (0.2, 0.05)])
+@pytest.mark.parametrize("eps, alpha", [(0.1, 0.01), (0.1, 0.02), (0.1, 0.025), (0.2, 0.05)])
 def test_pgd_without_random_start_matches(eps, alpha, trained_cnn, batch):  # noqa: F811
-    """PGD/BIM, 10 steps of size alpha, no random start: torchattacks projects the perturbation
-    (clamp(adv - x, -eps, eps), then clamp to [0, 1]), capsbench the image (min/max with x +- eps,
-    then clamp): the same set in exact arithmetic, so the images agree to float rounding."""
+    """PGD/BIM, 10 steps of size alpha, no random start, both projecting the perturbation
+    (clamp(adv - x, -eps, eps), then the image to [0, 1]): bit-identical images. (Projecting the
+    image instead, min/max with x +- eps, differs by one rounding, which flips max-pool choices:
+    up to 0.05 apart after 10 steps at alpha 0.025.)"""
     x, y = batch
     ours = PGD(trained_cnn, eps, loss="ce", steps=10, step_size=alpha)(x, y)
     theirs = torchattacks.PGD(Logits(trained_cnn).eval(), eps=eps, alpha=alpha, steps=10, random_start=False)(x, y)
-    assert (ours - theirs).abs().max().item() <= 1e-6
+    assert torch.equal(ours, theirs), f"max abs diff {(ours - theirs).abs().max().item()}"
     assert robust(trained_cnn, ours, y) == robust(trained_cnn, theirs, y)
 
 

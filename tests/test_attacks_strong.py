@@ -11,7 +11,7 @@ from capsbench.attacks.apgd import checkpoint_lengths
 from capsbench.attacks.losses import resolve_loss
 from capsbench.attacks.square import square_fraction
 from capsbench.core.errors import CapsbenchError
-from capsbench.models import ModelOutput, build_model, count_correct
+from capsbench.models import BenchModel, ModelOutput, build_model, count_correct
 from capsbench.models.scoring import reconstruction_error
 from tests.test_attacks import TINY_CAPS, data, one_thread, train, trained_cnn  # noqa: F401 (fixtures)
 
@@ -75,10 +75,13 @@ def test_cw_is_positive_exactly_when_misclassified_and_targeted_forms_rise_with_
     assert torch.equal(cw > 0, z.argmax(1) != y)
     t = (y + 1) % 10
     up = z.clone()
-    up[torch.arange(64), t] += 1.0
-    for name in ("ce", "cw"):  # not dlr: its denominator (z_pi1 - (z_pi3 + z_pi4) / 2) moves with z_t too
+    up[torch.arange(64), t] += 0.3
+    for name in ("ce", "cw", "dlr"):
         f = LOSSES.get(name)
-        assert (f(Scores(), ModelOutput(up), y, t) >= f(Scores(), ModelOutput(z), y, t) - 1e-6).all(), name
+        rises = f(Scores(), ModelOutput(up), y, t) >= f(Scores(), ModelOutput(z), y, t) - 1e-6
+        if name == "dlr":  # its denominator moves with z_t once the target is the top class
+            rises = rises | (up.argmax(1) == t)
+        assert rises.all(), name
 
 
 def test_losses_a_model_cannot_provide_are_refused_by_name(trained_cnn):  # noqa: F811
@@ -165,9 +168,51 @@ def test_square_needs_no_gradient_keeps_vertices_and_fooled_images(trained_cnn, 
     at_vertex = ((d - 0.3).abs() < 1e-6) | (adv == 0) | (adv == 1)
     assert at_vertex.all() and d.max() <= 0.3 + 1e-6
     assert int(count_correct(trained_cnn, adv, y)) < int(count_correct(trained_cnn, x, y))
-    more = Square(trained_cnn, 0.3, queries=300)(x, y, gen())  # the same draws, continued
-    was_fooled = trained_cnn(adv).scores.argmax(1) != y
-    assert ((trained_cnn(more).scores.argmax(1) != y) | ~was_fooled).all()
+
+
+def test_square_returns_each_images_first_misclassified_candidate(trained_cnn, data):  # noqa: F811
+    """Under cw a misclassified candidate always lowers the loss of a correct image, so it is
+    accepted, and a fooled image never changes again: the image returned is the first candidate
+    that fooled the model (or, never fooled, one that did not)."""
+    _, _, x, y = data
+    calls = []
+    hook = trained_cnn.register_forward_hook(lambda m, a, out: calls.append((a[0].detach(), out.scores.argmax(1))))
+    try:
+        adv = Square(trained_cnn, 0.1, queries=60)(x, y, gen())
+    finally:
+        hook.remove()
+    queries = calls[:-1]  # the last forward is keep_misclassified's look at the clean images
+    wrong = torch.stack([pred != y for _, pred in queries])  # (queries, B)
+    ever = wrong.any(0)
+    assert 0 < int(ever.sum()) < len(y)  # an informative eps: some fooled, some not
+    first = wrong.float().argmax(0)
+    for i in ever.nonzero().squeeze(1).tolist():
+        assert torch.equal(adv[i], queries[int(first[i])][0][i])
+    assert (trained_cnn(adv).scores.argmax(1)[~ever] == y[~ever]).all()
+
+
+@pytest.mark.parametrize("name", ["apgd", "square"])
+def test_a_wrong_image_is_never_made_right(name):
+    """A model with a zero input gradient and a wrong prediction at x: searching attacks must
+    return x for it (the reference attacks only correct images), not a lucky iterate."""
+
+    class Step(BenchModel):
+        input_size, num_classes, score_kind = 28, 2, "logits"
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, y=None):
+            m = x.flatten(1).mean(1, keepdim=True)
+            c = ((m > 0.5).float() * 2 - 1) + 0 * m + 0 * self.w  # depends on x with a zero gradient
+            return ModelOutput(torch.cat([c, torch.zeros_like(c)], 1))
+
+    x = torch.full((64, 1, 28, 28), 0.5 - 1e-4)
+    y = torch.zeros(64, dtype=torch.long)  # class 0 needs mean > 0.5: wrong at x
+    atk = APGD(Step(), 0.1, steps=10) if name == "apgd" else Square(Step(), 0.1, queries=50)
+    adv = atk(x, y, gen())
+    assert torch.equal(adv, x)
 
 
 # ---- AutoAttack ----------------------------------------------------------------------------

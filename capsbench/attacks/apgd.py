@@ -8,8 +8,9 @@ step-size tuning. L-inf, following the reference implementation (fra31/auto-atta
   6%): an example whose loss rose on at most rho = 75% of the stretch's steps, or whose best loss
   did not improve since the last checkpoint without a halving there, halves its step size and
   restarts from its best point;
-- an example counts as fooled at the first iterate it is misclassified at; restarts re-run from
-  new random points and keep the first success.
+- an example counts as fooled once an iterate is misclassified (the last such iterate is kept,
+  as in the reference); restarts re-run from new random points and keep the first run's success;
+  images already misclassified at x are returned unchanged.
 
 Everything is per example and on the device: no host syncs inside the iterations.
 """
@@ -57,7 +58,7 @@ class APGD(Attack):
             adv, ok = self.run(x, y, generator, target)
             take = ok & ~done
             best, done = torch.where(_rows(take), adv, best), done | ok
-        return best
+        return self.keep_misclassified(x, y, best)
 
     def random_start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         t = torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1
@@ -67,7 +68,9 @@ class APGD(Attack):
     def run(self, x: Tensor, y: Tensor, generator: torch.Generator | None,
             target: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
         """One run from a random start: (images (B, 1, S, S), fooled (B,) bool). The images are
-        the last misclassified iterate where one was found, else the best-loss iterate."""
+        the last misclassified iterate where one was found, else the best-loss iterate. The
+        first stretch's rises are counted from the starting loss (the reference compares its first
+        step with a row of zeros)."""
         eps = self.eps
         adv = self.random_start(x, generator)
         loss, grad, scores = self.loss_and_grad(adv, y, target)
@@ -79,7 +82,7 @@ class APGD(Attack):
         history = [loss]  # per-step losses (B,), the start first
         stretch, decrement, shortest = checkpoint_lengths(self.steps)
         since, last_check = 0, 0
-        halved_last = torch.zeros_like(done)
+        halved_last = torch.ones_like(done)  # as the reference: no "no improvement" halving at the first checkpoint
         best_at_check = loss_best.clone()
         for i in range(self.steps):
             a = self.momentum if i > 0 else 1.0
@@ -134,4 +137,4 @@ class TargetedAPGD(APGD):
                 adv, ok = self.run(x, y, generator, order[:, k + 1])
                 best = adv if best is None else torch.where(_rows(ok & ~done), adv, best)
                 done = done | ok
-        return best
+        return self.keep_misclassified(x, y, best)

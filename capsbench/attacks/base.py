@@ -98,6 +98,14 @@ class Attack:
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator | None, target: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    def keep_misclassified(self, x: Tensor, y: Tensor, adv: Tensor) -> Tensor:
+        """``adv`` with the images already misclassified at ``x`` put back to ``x`` (as the
+        AutoAttack reference does): a search that returns its best iterate must never turn a
+        wrong image into a right one."""
+        with torch.no_grad():
+            wrong = self.model.attack_scores(self.forward(x)).argmax(dim=1) != y
+        return torch.where(wrong.view(-1, 1, 1, 1), x, adv)
+
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  target: Tensor | None = None) -> Tensor:  # fmt: skip
         """Adversarial images (B, 1, S, S) in [0, 1], within eps of ``x`` in L-inf. ``y``: the true

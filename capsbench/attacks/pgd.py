@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from capsbench.attacks.base import ATTACKS, Attack, project
+from capsbench.attacks.base import ATTACKS, Attack
 from capsbench.models import BenchModel
 
 
@@ -35,5 +35,11 @@ class PGD(Attack):
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator | None, target: Tensor | None) -> Tensor:
         adv = self.start(x, generator)
         for _ in range(self.steps):
-            adv = project(adv + self.step_size * self.loss_grad(adv, y, target).sign(), x, self.eps)
+            adv = self.step(adv, x, self.loss_grad(adv, y, target))
         return adv
+
+    def step(self, adv: Tensor, x: Tensor, grad: Tensor) -> Tensor:
+        """One signed step, the perturbation clipped to the eps-ball, then the image to [0, 1]
+        (Madry et al.'s form, bit for bit the one torchattacks uses)."""
+        adv = adv + self.step_size * grad.sign()
+        return (x + (adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capsbench.attacks.base import ATTACKS, project
+from capsbench.attacks.base import ATTACKS
 from capsbench.attacks.pgd import PGD
 from capsbench.models import BenchModel, ModelOutput
 from capsbench.models.scoring import reconstruction_error
@@ -58,5 +58,5 @@ class ReconstructiveAttack(PGD):
             now = self.undetected(scores, y)
             found, hit = torch.where(now.view(-1, 1, 1, 1), adv, found), hit | now
             if i < self.steps:
-                adv = project(adv + self.step_size * grad.sign(), x, self.eps)
+                adv = self.step(adv, x, grad)
         return torch.where(hit.view(-1, 1, 1, 1), found, adv)

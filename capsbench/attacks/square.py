@@ -8,7 +8,8 @@ projects onto the eps-ball (so every pixel stays at a vertex of the ball) and ke
 when the loss falls. s shrinks with the query count (p = p_init halved at 10, 50, 200, 500,
 1000, 2000, 4000, 6000 and 8000 of 10,000 queries, rescaled to the budget). The loss to
 decrease is minus the attack loss (``cw``: the margin z_y - max_{i != y} z_i). Per example,
-on the device, no host syncs inside the queries; an example stops changing once fooled.
+on the device, no host syncs inside the queries; an example stops changing once fooled, and
+images already misclassified at x are returned unchanged.
 """
 
 from __future__ import annotations
@@ -79,4 +80,4 @@ class Square(Attack):
             best = torch.where(take.view(-1, 1, 1, 1), cand, best)
             loss = torch.where(take, new_loss, loss)
             correct = torch.where(take, new_correct, correct)
-        return best
+        return self.keep_misclassified(x, y, best)

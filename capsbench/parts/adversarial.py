@@ -27,7 +27,7 @@ def run_adversarial(ctx: RunContext, cfg: AdversarialConfig) -> PartResult:
     ev = Evidence()
     score_clean(ctx, cfg, data, ev)
     sweep(ctx, cfg, data, ev)
-    aa_eps = [e for e in cfg.eps if any(abs(e - a) < 1e-9 for a in cfg.aa_eps)]
+    aa_eps = cfg.strong_eps
     for name, tm in ctx.models.items():
         if cfg.autoattack:
             for eps in aa_eps:

@@ -253,10 +253,10 @@ def protocol_note(ctx: RunContext, cfg: AdversarialConfig, data: Inputs) -> str:
         "per-image worst case over them. FGSM: one step, no random start. PGD: "
         f"{cfg.pgd_steps} steps of size {step}, no random start (BIM). Noise: x + eps * random signs. Targeted FGSM "
         "steps toward a random wrong class (seeded, the same for every model). "
-        f"AutoAttack standard (Croce & Hein 2020) at eps {list(cfg.aa_eps)}: {' -> '.join(cfg.aa_stages)}, each on the "
+        f"AutoAttack standard (Croce & Hein 2020) at eps {cfg.strong_eps}: {' -> '.join(cfg.aa_stages)}, each on the "
         f"images still robust; {b.steps} APGD steps, {b.targets} APGD-T targets, {b.restarts} restart(s), "
         f"{b.queries} Square queries ({'the reference budget' if reference else 'REDUCED from the reference 100 steps, 9 targets, 5,000 queries'}); "
-        "FAB-T left out. Worst case: an image counts as robust only if every attack and loss failed on it. "
+        "FAB-T left out. Worst case: an image counts as robust only if it is correct on the clean input and every attack and loss failed on it. "
         "Robust accuracy is unconditional (correct on adversarial / all images). Cells: accuracy [95% Wilson interval]."
     )
 

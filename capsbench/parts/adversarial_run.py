@@ -61,10 +61,11 @@ class AdversarialConfig:
     transfer: bool = True
     examples: int = opt(6, ge=0)  # images in the example figure (0 = no figure)
     batch_size: int = opt(256, ge=1)
-    # AutoAttack standard (APGD-CE, APGD-T, Square in sequence) at these eps (each on the grid);
+    # AutoAttack standard (APGD-CE, APGD-T, Square in sequence), its checks, the reconstructive
+    # attack and the worst case at `aa_eps` (each on the grid);
     # the reference's budget is 100 steps, 9 targets, 1 restart, 5,000 queries.
     autoattack: bool = True
-    aa_eps: list[float] = opt(factory=lambda: [0.1, 0.3], gt=0, le=1, nonempty=True)
+    aa_eps: list[float] = opt(factory=list, gt=0, le=1)  # [] = 0.1 and 0.3 where on the grid, else the largest eps
     aa_stages: list[str] = opt(factory=lambda: list(STANDARD), nonempty=True)
     apgd_steps: int = opt(100, ge=1)
     apgd_targets: int = opt(9, ge=1, le=9)
@@ -104,6 +105,14 @@ class AdversarialConfig:
         for s in self.aa_stages:
             if s not in ("apgd-ce", "apgd-dlr", "apgd-t", "square"):
                 raise CapsbenchError(f"unknown attack {s!r} in {where}.aa_stages; known: apgd-ce, apgd-dlr, apgd-t, square")
+
+    @property
+    def strong_eps(self) -> list[float]:
+        """Where AutoAttack and the worst case run: ``aa_eps``, or 0.1 and 0.3 where on the grid,
+        else the largest eps."""
+        wanted = self.aa_eps or [0.1, 0.3]
+        on_grid = [e for e in self.eps if e > 0 and any(abs(e - w) < 1e-9 for w in wanted)]
+        return on_grid or [self.eps[-1]]
 
     def step_size(self, eps: float) -> float:
         return self.pgd_step_size or 2.5 * eps / self.pgd_steps
@@ -158,6 +167,7 @@ class Evidence:
     correct: dict[tuple, Tensor] = field(default_factory=dict)  # (model, attack, loss, eps) -> (k,) bool
     errors: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)  # same key -> (err (k,), fooled (k,))
     clean_err: dict[str, Tensor] = field(default_factory=dict)  # model -> (n,) clean reconstruction errors
+    clean_correct: dict[str, Tensor] = field(default_factory=dict)  # model -> (n,) bool, correct on x itself
     detectors: dict[str, Detector] = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)  # AutoAttack rows: model, eps, stage, n
     stage_tally: Tally = field(default_factory=Tally)  # their robust / fooled / clean counts, by row index
@@ -198,6 +208,7 @@ def score_clean(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evide
     for name, tm in ctx.models.items():
         pred, err = predict_and_error(tm.model, data.x, cfg.batch_size, ctx.dtype)
         count(ev, (name, "clean", "-", 0.0, name), pred, data.y)
+        ev.clean_correct[name] = pred == data.y
         count(ev, (name, "clean@pgd", "-", 0.0, name), pred[: data.pgd_n], data.y[: data.pgd_n])
         if err is not None and cfg.detect and len(data.x_val) >= 20:
             ev.clean_err[name] = err
@@ -298,7 +309,8 @@ def reconstructive(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Ev
 
 def worst_cases(cfg: AdversarialConfig, data: Inputs, ev: Evidence, models: list[str], eps_list: list[float]) -> None:
     """Per image: robust under an attack only if every loss failed (loss ``any``), and robust at
-    an eps only if every attack and loss failed (``worst-case``, on the first pgd_n images)."""
+    an eps only if it is correct on x itself and every attack and loss failed (``worst-case``, on
+    the first pgd_n images: x is in its own eps-ball, so no attack can make a wrong image right)."""
     k = data.pgd_n
     for (m, attack) in {(key[0], key[1]) for key in ev.correct}:
         for eps in cfg.eps:
@@ -312,5 +324,6 @@ def worst_cases(cfg: AdversarialConfig, data: Inputs, ev: Evidence, models: list
         for eps in eps_list:
             flags = [c[:k] for (m2, _, _, e2), c in ev.correct.items() if m2 == m and abs(e2 - eps) < 1e-9]
             if flags:
+                flags.append(ev.clean_correct[m][:k])
                 worst = torch.stack(flags).all(dim=0)
                 ev.tally.put((m, "worst-case", ANY, eps, m), k, correct=worst.sum())
