@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 import traceback
@@ -198,6 +199,23 @@ def list_claims() -> list[dict[str, Any]]:
     return rows
 
 
+def first_sentence(doc: str) -> str:
+    text = " ".join(doc.replace("``", "").split())
+    return re.split(r"(?<! al)(?<!i\.e)\. ", text)[0].rstrip(".")  # not at "et al. " or "i.e. "
+
+
+@LISTS.register("attacks")
+def list_attacks() -> list[dict[str, Any]]:
+    """Every attack (its default loss) and every attack loss, by the names suite files use."""
+    from capsbench.attacks import ATTACKS, LOSSES
+
+    rows = [{"name": n, "kind": "attack", "default loss": ATTACKS.get(n).default_loss,
+             "about": first_sentence(ATTACKS.get(n).__doc__ or "")} for n in ATTACKS.names()]  # fmt: skip
+    rows += [{"name": n, "kind": "loss", "default loss": "", "about": LOSSES.get(n).about
+              + (" (capsule models only)" if LOSSES.get(n).needs else "")} for n in LOSSES.names()]  # fmt: skip
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -207,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("list", parents=[common], help="list models, presets, suites, claims",
+    p = sub.add_parser("list", parents=[common], help="list models, presets, suites, claims, attacks",
                        description="List what capsbench knows about.")  # fmt: skip
-    p.add_argument("what", choices=["models", "presets", "suites", "claims"], help="what to list")
+    p.add_argument("what", choices=LISTS.names(), help="what to list")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("data", parents=[common], help="MNIST: show or fill the cache",

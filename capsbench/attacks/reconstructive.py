@@ -25,6 +25,9 @@ from capsbench.models.scoring import reconstruction_error
 
 @ATTACKS.register("reconstructive")
 class ReconstructiveAttack(PGD):
+    """Reconstructive attack (Qin et al. 2020), L-inf: PGD that fools the classifier and keeps the
+    reconstruction error under the detector's ``threshold``. Needs a model with a decoder."""
+
     default_loss = "ce"
 
     def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None,
