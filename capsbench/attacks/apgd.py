@@ -75,15 +75,15 @@ class APGD(Attack):
         adv = self.random_start(x, generator)
         loss, grad, scores = self.loss_and_grad(adv, y, target)
         done = self.fooled(scores, y, target)
-        found = adv.clone()  # (B, 1, S, S) the misclassified iterate
-        x_best, loss_best, grad_best = adv.clone(), loss.clone(), grad.clone()
+        found = adv  # (B, 1, S, S) the misclassified iterate; every update below makes a new tensor
+        x_best, loss_best, grad_best = adv, loss, grad
         step = torch.full((len(x),), 2.0 * eps, device=x.device)  # (B,) per-example step size
         prev = adv
         history = [loss]  # per-step losses (B,), the start first
         stretch, decrement, shortest = checkpoint_lengths(self.steps)
         since, last_check = 0, 0
         halved_last = torch.ones_like(done)  # as the reference: no "no improvement" halving at the first checkpoint
-        best_at_check = loss_best.clone()
+        best_at_check = loss_best
         for i in range(self.steps):
             a = self.momentum if i > 0 else 1.0
             z = project(adv + _rows(step) * grad.sign(), x, eps)
@@ -105,7 +105,7 @@ class APGD(Attack):
                 step = torch.where(halve, step / 2, step)
                 adv = torch.where(_rows(halve), x_best, adv)
                 grad = torch.where(_rows(halve), grad_best, grad)
-                halved_last, best_at_check = halve, loss_best.clone()
+                halved_last, best_at_check = halve, loss_best
                 last_check, since = len(history) - 1, 0
                 stretch = max(stretch - decrement, shortest)
         return torch.where(_rows(done), found, x_best), done

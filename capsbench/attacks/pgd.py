@@ -9,6 +9,11 @@ from capsbench.attacks.base import ATTACKS, Attack
 from capsbench.models import BenchModel
 
 
+def madry_step(eps: float, steps: int, step_size: float = 0.0) -> float:
+    """``step_size``, or when it is 0, Madry et al.'s 2.5 * eps / steps."""
+    return step_size if step_size > 0 else 2.5 * eps / steps
+
+
 @ATTACKS.register("pgd")
 class PGD(Attack):
     """Iterative L-inf attack: BIM (Kurakin et al. 2017) by default, i.e. PGD (Madry et al.
@@ -23,7 +28,7 @@ class PGD(Attack):
         if steps < 1 or step_size < 0:
             raise ValueError(f"PGD needs steps >= 1 and step_size >= 0, got {steps}, {step_size}")
         self.steps = steps
-        self.step_size = step_size if step_size > 0 else 2.5 * self.eps / steps
+        self.step_size = madry_step(self.eps, steps, step_size)
         self.random_start = random_start
 
     def start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:

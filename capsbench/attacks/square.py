@@ -31,11 +31,12 @@ def square_fraction(i: int, queries: int, p_init: float) -> float:
     return p_init / 2 ** sum(it > h for h in HALVINGS)
 
 
-def square_masks(side: int, size: int, batch: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """(B, 1, size, size) bool: one side x side square per example at a uniform random place."""
-    top = torch.randint(0, size - side + 1, (batch, 1), device=device, generator=generator)
-    left = torch.randint(0, size - side + 1, (batch, 1), device=device, generator=generator)
-    pos = torch.arange(size, device=device)  # (size,)
+def square_masks(side: int, pos: Tensor, batch: int, generator: torch.Generator | None) -> Tensor:
+    """(B, 1, S, S) bool: one side x side square per example at a uniform random place; ``pos``
+    is arange(S) on the device (made once per attack, not per query)."""
+    size = len(pos)
+    top = torch.randint(0, size - side + 1, (batch, 1), device=pos.device, generator=generator)
+    left = torch.randint(0, size - side + 1, (batch, 1), device=pos.device, generator=generator)
     rows = (pos >= top) & (pos < top + side)  # (B, size)
     cols = (pos >= left) & (pos < left + side)
     return (rows[:, :, None] & cols[:, None, :])[:, None]
@@ -69,10 +70,11 @@ class Square(Attack):
         B, C, H, W = x.shape
         best = project(x + self.eps * random_signs((B, C, 1, W), x.device, generator), x, self.eps)
         loss, correct = self.score(best, y, target)
+        pos = torch.arange(H, device=x.device)
         for i in range(self.queries):
             p = square_fraction(i, self.queries, self.p_init)
             side = min(max(round(math.sqrt(p * H * W)), 1), H - 1)
-            mask = square_masks(side, H, B, x.device, generator)  # (B, 1, H, W)
+            mask = square_masks(side, pos, B, generator)  # (B, 1, H, W)
             delta = 2 * self.eps * random_signs((B, C, 1, 1), x.device, generator) * mask
             cand = project(best + delta, x, self.eps)
             new_loss, new_correct = self.score(cand, y, target)

@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 
+from capsbench.attacks.pgd import madry_step
 from capsbench.parts.adversarial_checks import pct, sanity_checks
 from capsbench.parts.adversarial_run import (
     ADVERSARIAL_TABLES,
@@ -15,7 +16,6 @@ from capsbench.parts.adversarial_run import (
     AdversarialConfig,
     Evidence,
     Inputs,
-    check_stages,
     make_attack,
 )
 from capsbench.parts.base import Check, PartResult, RunContext
@@ -53,8 +53,10 @@ def steps_of(attack: str, cfg: AdversarialConfig) -> float:
 
 
 def step_size_of(attack: str, eps: float, cfg: AdversarialConfig) -> float:
-    if attack in ("pgd", "reconstructive"):
-        return cfg.pgd_step_size or 2.5 * eps / (cfg.pgd_steps if attack == "pgd" else cfg.recon_steps)
+    if attack == "pgd":
+        return cfg.step_size(eps)
+    if attack == "reconstructive":
+        return madry_step(eps, cfg.recon_steps)
     return eps if attack in ("fgsm", "fgsm-targeted", "noise") else math.nan
 
 
@@ -84,24 +86,13 @@ def clean_rows(counts: dict, models: dict, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=ADVERSARIAL_TABLES["adversarial_clean"])
 
 
-def budget_text(stage: str, cfg: AdversarialConfig) -> str:
-    b = cfg.budget
-    if stage.startswith("apgd-t"):
-        return f"{b.steps} steps, {b.targets} targets"
-    if stage.startswith("apgd-ce ") or stage.startswith("apgd-ce+"):
-        return next(f"{runs} x {steps} steps" for s, runs, steps in check_stages(cfg) if s == stage)
-    if stage.startswith("apgd"):
-        return f"{b.steps} steps, {b.restarts} restart(s)"
-    return f"{b.queries} queries" if stage == "square" else ""
-
-
 def autoattack_rows(ev: Evidence, counts: dict[tuple, dict], cfg: AdversarialConfig, seed: int) -> pd.DataFrame:
     rows = []
     for i, s in enumerate(ev.stages):
         c = counts[(i,)]
         rows.append({"model": s["model"], "eps": s["eps"], "stage": s["stage"], "accuracy": c["robust"] / s["n"],
                      "robust": c["robust"], "n": s["n"], "fooled": c["fooled"], "clean": c["clean"],
-                     "budget": budget_text(s["stage"], cfg), "seed": seed})  # fmt: skip
+                     "budget": s["budget"], "seed": seed})  # fmt: skip
     return pd.DataFrame(rows, columns=ADVERSARIAL_TABLES["adversarial_autoattack"])
 
 

@@ -31,6 +31,7 @@ from capsbench.attacks import (
     ReconstructiveAttack,
     SingleStep,
 )
+from capsbench.attacks.pgd import madry_step
 from capsbench.core.config import opt
 from capsbench.core.errors import CapsbenchError
 from capsbench.core.seeds import derive_seed
@@ -115,7 +116,7 @@ class AdversarialConfig:
         return on_grid or [self.eps[-1]]
 
     def step_size(self, eps: float) -> float:
-        return self.pgd_step_size or 2.5 * eps / self.pgd_steps
+        return madry_step(eps, self.pgd_steps, self.pgd_step_size)
 
     @property
     def budget(self) -> Budget:
@@ -169,7 +170,7 @@ class Evidence:
     clean_err: dict[str, Tensor] = field(default_factory=dict)  # model -> (n,) clean reconstruction errors
     clean_correct: dict[str, Tensor] = field(default_factory=dict)  # model -> (n,) bool, correct on x itself
     detectors: dict[str, Detector] = field(default_factory=dict)
-    stages: list[dict] = field(default_factory=list)  # AutoAttack rows: model, eps, stage, n
+    stages: list[dict] = field(default_factory=list)  # AutoAttack rows: model, eps, stage, n, budget
     stage_tally: Tally = field(default_factory=Tally)  # their robust / fooled / clean counts, by row index
 
 
@@ -281,11 +282,20 @@ def autoattack(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Eviden
                 robust[idx] &= batch_predictions(model, adv, cfg.batch_size, ctx.dtype) == y[idx]
         stages.append((stage, robust))
         ev.correct[(name, stage, "ce", eps)] = robust
+    budgets = {s: standard_budget(s, cfg.budget) for s in cfg.aa_stages}
+    budgets.update({s: f"{runs} x {steps} steps" for s, runs, steps in check_stages(cfg)})
     before = out.clean
     for stage, after in stages:
         ev.stage_tally.put((len(ev.stages),), k, robust=after.sum(), fooled=(before & ~after).sum(), clean=out.clean.sum())
-        ev.stages.append({"model": name, "eps": eps, "stage": stage, "n": k})
+        ev.stages.append({"model": name, "eps": eps, "stage": stage, "n": k, "budget": budgets[stage]})
         before = after
+
+
+def standard_budget(stage: str, b: Budget) -> str:
+    """What a standard stage ran with, for the tables."""
+    if stage == "apgd-t":
+        return f"{b.steps} steps, {b.targets} targets"
+    return f"{b.queries} queries" if stage == "square" else f"{b.steps} steps, {b.restarts} restart(s)"
 
 
 def check_stages(cfg: AdversarialConfig) -> list[tuple[str, int, int]]:
@@ -312,18 +322,18 @@ def worst_cases(cfg: AdversarialConfig, data: Inputs, ev: Evidence, models: list
     an eps only if it is correct on x itself and every attack and loss failed (``worst-case``, on
     the first pgd_n images: x is in its own eps-ball, so no attack can make a wrong image right)."""
     k = data.pgd_n
-    for (m, attack) in {(key[0], key[1]) for key in ev.correct}:
-        for eps in cfg.eps:
-            flags = [c for (m2, a2, _, e2), c in ev.correct.items() if (m2, a2) == (m, attack) and e2 == eps]
-            if attack in attack_list(cfg) and attack not in LOSS_FREE and flags:
-                both = torch.stack(flags).all(dim=0)
-                ev.tally.put((m, attack, ANY, eps, m), len(both), correct=both.sum())
-                if attack == "fgsm":  # on PGD's images, for the PGD <= FGSM check
-                    ev.tally.put((m, "fgsm@pgd", ANY, eps, m), k, correct=both[:k].sum())
+    by_attack: dict[tuple[str, str, float], list[Tensor]] = {}  # (model, attack, eps) -> per loss
+    for (m, attack, _, eps), c in ev.correct.items():
+        by_attack.setdefault((m, attack, eps), []).append(c)
+    for (m, attack, eps), flags in by_attack.items():
+        if attack in attack_list(cfg) and attack not in LOSS_FREE:
+            both = torch.stack(flags).all(dim=0)
+            ev.tally.put((m, attack, ANY, eps, m), len(both), correct=both.sum())
+            if attack == "fgsm":  # on PGD's images, for the PGD <= FGSM check
+                ev.tally.put((m, "fgsm@pgd", ANY, eps, m), k, correct=both[:k].sum())
     for m in models:
         for eps in eps_list:
-            flags = [c[:k] for (m2, _, _, e2), c in ev.correct.items() if m2 == m and abs(e2 - eps) < 1e-9]
+            flags = [c[:k] for (m2, _, e2), cs in by_attack.items() if m2 == m and abs(e2 - eps) < 1e-9 for c in cs]
             if flags:
-                flags.append(ev.clean_correct[m][:k])
-                worst = torch.stack(flags).all(dim=0)
+                worst = torch.stack(flags + [ev.clean_correct[m][:k]]).all(dim=0)
                 ev.tally.put((m, "worst-case", ANY, eps, m), k, correct=worst.sum())
