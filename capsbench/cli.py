@@ -61,9 +61,11 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from capsbench.data.mnist import SHAPES
     from capsbench.models import MODELS
     from capsbench.train.cache import get_trained, model_folder
     from capsbench.train.config import default_preset, train_config
+    from capsbench.train.convergence import training_record
 
     MODELS.get(args.model)  # unknown model: clear error before anything else
     device = resolve_device(args.device)
@@ -87,6 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = tm.meta
     how = "from the cache" if tm.cached else f"trained in {m['train_seconds']:.1f}s ({m['train_images_per_s']:.0f} img/s)"
     print(f"{args.model}: test accuracy {m['test_accuracy']:.4f} (n={m['test_n']}), {how}; wall {wall:.1f}s")
+    rec = training_record(args.model, m, cfg, SHAPES["train_x"][0], cfg.seed, tm.cached)
+    floor = "" if cfg.floor <= 0 else f"; preset floor {100 * cfg.floor:g}% {'met' if rec['meets_floor'] else 'NOT MET'}"
+    print(f"  {rec['images_seen']:,} images seen ({rec['epochs']:.2f} epochs); converged: "
+          f"{'yes' if rec['converged'] else 'no'} ({rec['convergence']}){floor}")  # fmt: skip
     print(model_folder(args.model, m["key"], args.data_dir))
     return 0
 
@@ -172,7 +178,8 @@ def list_presets() -> list[dict[str, Any]]:
     rows = []
     for name, raw in load_presets().items():
         cfg = train_config(name)
-        rows.append({"preset": name, "steps": cfg.steps, "batch": cfg.batch_size, "description": raw.get("description", "")})
+        rows.append({"preset": name, "steps": cfg.steps, "batch": cfg.batch_size, "schedule": cfg.schedule,
+                     "floor": f"{100 * cfg.floor:g}%" if cfg.floor else "-", "description": raw.get("description", "")})
     return rows
 
 
@@ -189,7 +196,10 @@ def list_suites() -> list[dict[str, Any]]:
 
 @LISTS.register("claims")
 def list_claims() -> list[dict[str, Any]]:
+    from capsbench.parts import load_parts
     from capsbench.report.claims import load_claims
+
+    load_parts()  # the preconditions name the parts' tables
 
     rows = []
     for c in load_claims().values():

@@ -35,7 +35,7 @@ from capsbench.models import BenchModel, build_model, model_options
 from capsbench.parts.base import Check, PartResult, RunContext, part
 from capsbench.report.format import checks_footer, markdown_table
 from capsbench.train.config import TrainConfig
-from capsbench.train.schedules import Schedule
+from capsbench.train.schedules import Schedule, describe_schedule
 from capsbench.train.step import CompileMode
 from capsbench.train.tasks import Evaluation, MnistTask
 from capsbench.train.trainer import Trainer
@@ -96,11 +96,7 @@ def lr_schedule(cfg: TimeToAccuracyConfig) -> Schedule:
 
 
 def schedule_text(cfg: TimeToAccuracyConfig) -> str:
-    steps = f"{cfg.warmup_steps} step{'s' if cfg.warmup_steps != 1 else ''}"
-    warm = f"linear warmup over {steps}, then " if cfg.warmup_steps else ""
-    decay = (f"cosine decay to 0 at step {cfg.max_steps}" if cfg.schedule == "onecycle"
-             else f"x{PAPER.lr_decay} every {PAPER.lr_decay_steps} steps (the paper's, continuous)")  # fmt: skip
-    return f"Adam, peak lr {cfg.lr:g}, {warm}{decay}"
+    return describe_schedule(lr_schedule(cfg), cfg.lr)
 
 
 # ---- one run -------------------------------------------------------------------------------

@@ -11,9 +11,11 @@ import torch
 
 from capsbench.core.config import PRECISION_ALIASES, Precision, from_dict, opt, weight_fields
 from capsbench.core.errors import CapsbenchError
+from capsbench.train.schedules import Schedule, describe_schedule
 from capsbench.train.step import CompileMode
 
 Augment = Literal["shift", "canvas", "none"]
+ScheduleName = Literal["paper", "onecycle"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class TrainConfig:
     lr: float = opt(1e-3, gt=0)
     lr_decay: float = opt(0.96, gt=0, le=1)  # multiplied into the lr every lr_decay_steps, continuously
     lr_decay_steps: int = opt(2000, gt=0)
+    schedule: ScheduleName = "paper"  # paper: x lr_decay per lr_decay_steps; onecycle: cosine to 0 at `steps`
+    warmup_steps: int = opt(0, ge=0)  # linear lr warmup to the peak before either schedule (0 = none)
     seed: int = opt(0, ge=0)
     augment: Augment = "shift"  # shift: +-max_shift px on 28x28; canvas: random place on canvas^2; none
     max_shift: int = opt(2, ge=0)
@@ -37,11 +41,30 @@ class TrainConfig:
     compile: bool = opt(False, in_key=False)  # torch.compile forward + loss (falls back to eager with a notice)
     compile_mode: CompileMode = opt("default", in_key=False)  # reduce-overhead / max-autotune: CUDA graphs on a GPU
     channels_last: bool = opt(False, in_key=False)  # NHWC convolution weights and inputs (cuDNN's tensor-core layout)
+    # How well trained a result's models must be (train/convergence.py): the convergence rule's
+    # tolerance between the last two test evaluations (0.0005 = 0.05 points), and the accuracy
+    # floor under which the summary and report mark a model as under-trained for its preset.
+    converge_tol: float = opt(0.0005, ge=0, in_key=False)
+    floor: float = opt(0.0, ge=0, le=1, in_key=False)
     description: str = opt("", in_key=False)
 
     def validate(self, where: str = "train") -> None:
+        if self.warmup_steps >= self.steps:
+            raise CapsbenchError(f"{where}.warmup_steps must be < steps ({self.steps}), got {self.warmup_steps}")
         if self.augment == "canvas" and self.canvas < 28:
             raise CapsbenchError(f"{where}.canvas must be >= 28 (the digit is 28x28), got {self.canvas}")
+
+    def lr_schedule(self) -> Schedule:
+        """The registered schedule this config names (onecycle reaches 0 at the last step)."""
+        return Schedule(self.schedule, self.lr_decay, self.lr_decay_steps, self.warmup_steps, self.steps)
+
+    def schedule_text(self) -> str:
+        return describe_schedule(self.lr_schedule(), self.lr)
+
+    def convergence_rule(self) -> str:
+        """The rule train/convergence.py applies, in words."""
+        return (f"the full length ({self.steps} steps), and the last test evaluation within "
+                f"{100 * self.converge_tol:g} points of the latest one an epoch or more before it")  # fmt: skip
 
     @property
     def input_size(self) -> int:

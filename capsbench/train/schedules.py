@@ -50,6 +50,15 @@ def onecycle(k: int, s: Schedule) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def describe_schedule(s: Schedule, lr: float) -> str:
+    """The schedule in words, for summaries: "Adam, peak lr 0.002, linear warmup over 200 steps, then ..."."""
+    steps = f"{s.warmup_steps} step{'s' if s.warmup_steps != 1 else ''}"
+    warm = f"linear warmup over {steps}, then " if s.warmup_steps else ""
+    shape = {"paper": f"x{s.lr_decay:g} every {s.lr_decay_steps} steps (the paper's, continuous)",
+             "onecycle": f"cosine decay to 0 at step {s.max_steps}"}.get(s.name, s.name)  # fmt: skip
+    return f"Adam, peak lr {lr:g}, {warm}{shape}"
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, schedule: Schedule, device: torch.device,
                    ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:  # fmt: skip
     """Adam at peak lr ``lr`` (fused on CUDA) with ``schedule`` as a LambdaLR."""

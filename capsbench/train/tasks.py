@@ -124,12 +124,12 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
 class MnistTask(Task):
     """MNIST classification under a TrainConfig: the digits on the device, batches by index in each
     epoch's order, augmentation drawn from a device generator (saved in checkpoints with the global
-    RNG, for dropout), the paper's schedule, test accuracy at each epoch's end and after the run."""
+    RNG, for dropout), the config's lr schedule, test accuracy at each epoch's end and after the run."""
 
     def __init__(self, cfg: TrainConfig, data: Any, device: torch.device) -> None:
         options = StepOptions(device, amp_dtype(device, cfg.amp), cfg.compile, cfg.compile_mode, cfg.channels_last)
         super().__init__(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, options=options,
-                         schedule=Schedule("paper", cfg.lr_decay, cfg.lr_decay_steps), log_every=cfg.log_every,
+                         schedule=cfg.lr_schedule(), log_every=cfg.log_every,
                          checkpoint_every=cfg.checkpoint_every, input_size=cfg.input_size,
                          protocol=f"augment={cfg.augment}, canvas={cfg.canvas}")  # fmt: skip
         self.cfg = cfg
