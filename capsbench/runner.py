@@ -33,6 +33,8 @@ def print_plan(r: Resolved, seeds: list[int]) -> None:
           f"{f' (canvas {t.canvas}x{t.canvas})' if t.augment == 'canvas' else f' (+-{t.max_shift} px)' if t.augment == 'shift' else ''},"
           f" input {t.input_size}x{t.input_size}")  # fmt: skip
     print(f"  models: {', '.join(r.models)}; parts: {', '.join(r.parts)}")
+    for cid, why in r.skip_claims.items():
+        print(f"  left out: claim {cid}: {why}")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class SeedRun:
     models: dict[str, Any]
     clean: Any  # DataFrame or None
     results: dict[str, PartResult]
+    record: Any = None  # DataFrame of how well each trained model was trained (tables/models.csv), or None
 
 
 def run(req: RunRequest) -> Path:
@@ -70,14 +73,15 @@ def run(req: RunRequest) -> Path:
         parts = {p: c for p, c in r.parts.items() if i == 0 or PARTS.get(p).per_seed}
         run = run_seed(rs, req, parts, folder, files, suffix=f"_seed{seed}" if len(seeds) > 1 else "")
         runs.append(run)
-        if run.clean is not None:
-            tables.setdefault("clean", []).append(run.clean)
+        for name, df in (("models", run.record), ("clean", run.clean)):
+            if df is not None:
+                tables.setdefault(name, []).append(df)
         for res in run.results.values():
             for name, df in res.tables.items():
                 tables.setdefault(name, []).append(df if "seed" in df.columns else df.assign(seed=seed))
     merged = {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()}
     files[:0] = [write_table(folder, name, df) for name, df in merged.items()]
-    claims_df = evaluate_claims(claims, merged, r.preset) if claims is not None else None
+    claims_df = evaluate_claims(claims, merged, r) if claims is not None else None
     if claims_df is not None:
         atomic.write_with(folder / "claims.csv", lambda tmp: claims_df.to_csv(tmp, index=False))
     wall = time.perf_counter() - started
@@ -98,6 +102,7 @@ def run_seed(r: Resolved, req: RunRequest, parts: dict[str, Any], folder: Path, 
     trained = any(PARTS.get(p).needs_training for p in parts)
     models, ctx = prepare(r, req, trained)
     clean = clean_table(ctx) if trained else None
+    record = training_table(r, ctx) if trained else None
     results: dict[str, PartResult] = {}
     for part, cfg in parts.items():
         t0 = time.perf_counter()
@@ -107,19 +112,23 @@ def run_seed(r: Resolved, req: RunRequest, parts: dict[str, Any], folder: Path, 
         res.figures = {}  # written; free the memory
         results[part] = res
         print(f"  {part}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return SeedRun(r.train.seed, models, clean, results)
+    return SeedRun(r.train.seed, models, clean, results, record)
 
 
 def claim_selection(r: Resolved, ids: tuple[str, ...]) -> list | None:
-    """The claims this run evaluates: --claims, or every claim for the `paper` suite, else None.
+    """The claims this run evaluates: --claims, or for the `paper` suite every claim its preset
+    does not leave out (``skip_claims``), else None.
 
-    --claims also narrows the run to the parts (and Table 1 variants) those claims need."""
+    --claims, and a preset that leaves claims out, narrow the run to the parts (and Table 1
+    variants) the evaluated claims need."""
     from capsbench.report.claims import select
 
     if not ids and r.name != "paper":
         return None
     claims = select(",".join(ids))
-    if ids:
+    if not ids and r.skip_claims:
+        claims = [c for c in claims if c.id not in r.skip_claims]
+    if ids or r.skip_claims:
         needed = {c.part for c in claims}
         missing = sorted(needed - set(r.parts))
         if missing:
@@ -129,13 +138,21 @@ def claim_selection(r: Resolved, ids: tuple[str, ...]) -> list | None:
         if "table1" in r.parts:
             wanted = [c.id for c in claims if c.part == "table1"]
             r.parts["table1"] = dataclasses.replace(r.parts["table1"], claims=wanted)
+    if ids:
+        r.skip_claims = {}  # claims asked for by name run, whatever the preset leaves out
     return claims
 
 
-def evaluate_claims(claims: list, tables: dict[str, Any], preset: str):
-    from capsbench.report.claims import claim_row
+def evaluate_claims(claims: list, tables: dict[str, Any], r: Resolved):
+    """claims.csv: a verdict per evaluated claim, and a "not run" row per claim the preset left out."""
+    from capsbench.report.claims import claim_row, select
 
-    return pd.DataFrame([claim_row(c, tables, preset) for c in claims])
+    rows = [claim_row(c, tables, r.preset) for c in claims]
+    for c in select(",".join(r.skip_claims)) if r.skip_claims else []:
+        rows.append({"claim": c.id, "paper_value": c.paper_value, "unit": c.unit,
+                     "band": f"[{c.band[0]:g}, {c.band[1]:g}]", "verdict": "not run", "precondition": "",
+                     "notes": f"left out by preset {r.preset}: {r.skip_claims[c.id]}"})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def run_environment(r: Resolved) -> dict[str, Any]:
@@ -181,6 +198,15 @@ def prepare(r: Resolved, req: RunRequest, trained: bool = True):
         progress=req.progress, data=data, cache_root=req.data_dir,
     )  # fmt: skip
     return models, ctx
+
+
+def training_table(r: Resolved, ctx: RunContext) -> pd.DataFrame:
+    """How well each model was trained (images seen, epochs, final accuracy, convergence, floor)."""
+    from capsbench.train.convergence import RECORD_COLUMNS, training_record
+
+    n = len(ctx.data.train_x)
+    rows = [training_record(name, tm.meta, r.train, n, ctx.seed, tm.cached) for name, tm in ctx.models.items()]
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
 
 
 def clean_table(ctx: RunContext):

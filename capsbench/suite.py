@@ -4,7 +4,7 @@ table and the request's overrides resolve into one checked configuration (``Reso
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ class RunRequest:
     data_dir: str | None = None  # the cache folder (None: $CAPSBENCH_DATA_DIR or ~/.cache/capsbench)
 
 
-TOP_KEYS = {"description", "models", "parts", "seed", "test_n", "train", "model", "preset"}
+TOP_KEYS = {"description", "models", "parts", "seed", "test_n", "train", "model", "preset", "skip_claims"}
 
 
 def suite_dirs() -> list[Path]:
@@ -83,6 +83,7 @@ class Resolved:
     models: dict[str, dict[str, Any]]  # name -> model options
     parts: dict[str, Any]  # part name -> its config dataclass
     test_n: int
+    skip_claims: dict[str, str] = field(default_factory=dict)  # claim id -> why this preset leaves it out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +91,7 @@ class Resolved:
             "device": str(self.device), "seed": self.train.seed, "test_n": self.test_n,
             "models": list(self.models), "parts": list(self.parts), "train": asdict(self.train),
             "model": self.models, **{k: asdict(v) for k, v in self.parts.items()},
+            **({"skip_claims": self.skip_claims} if self.skip_claims else {}),
         }  # fmt: skip
 
 
@@ -138,7 +140,21 @@ def resolve(raw: dict[str, Any], name: str, req: RunRequest) -> Resolved:
     test_n = merged.get("test_n", 10000)
     if not isinstance(test_n, int) or isinstance(test_n, bool) or test_n < 0:
         raise CapsbenchError(f"test_n must be an integer >= 0 (0 = the whole test set), got {test_n!r}")
-    return Resolved(name, str(merged.get("description", "")), preset, device, train, models, parts, test_n)
+    skip = skipped_claims(merged.get("skip_claims", {}))
+    return Resolved(name, str(merged.get("description", "")), preset, device, train, models, parts, test_n, skip)
+
+
+def skipped_claims(raw: Any) -> dict[str, str]:
+    """``[skip_claims]``: claim id -> the reason this suite or preset leaves it out (a sentence)."""
+    from capsbench.report.claims import load_claims
+
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
+        raise CapsbenchError(f"skip_claims must be a table of claim id = \"reason\", got {raw!r}")
+    known = load_claims()
+    bad = [c for c in raw if c not in known]
+    if bad:
+        raise CapsbenchError(f"skip_claims: unknown claim {bad[0]!r}; known claims: {', '.join(known)}")
+    return dict(raw)
 
 
 def precheck_parts(parts: dict[str, Any], models: dict[str, dict[str, Any]]) -> None:

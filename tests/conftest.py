@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from capsbench.parts import load_parts
+
+load_parts()  # every part registers its tables, which the claims registry checks its preconditions against
+
 
 @dataclass(frozen=True)
 class FakeMNIST:

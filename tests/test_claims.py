@@ -131,7 +131,16 @@ def _adv(rows):
     df = pd.DataFrame(rows, columns=cols).assign(loss="any")
     checks = pd.DataFrame([{"model": m, "check": c, "name": f"{m} {c}", "passed": True}
                            for m in ("capsnet", "cnn-pooled") for c in ("eps0", "iterative", "transfer", "worst")])  # fmt: skip
-    return {"adversarial": df, "adversarial_checks": checks}
+    return {"adversarial": df, "adversarial_checks": checks, "models": _models(capsnet=0.99, **{"cnn-pooled": 0.99})}
+
+
+def _models(augment: str = "shift", input_size: int = 28, **accuracy: float):
+    """tables/models.csv rows of well-trained (or not) models, for the claims' preconditions."""
+    import pandas as pd
+
+    return pd.DataFrame([{"model": m, "seed": 0, "test_accuracy": a, "test_n": 10000, "converged": True,
+                          "convergence": "rule held", "augment": augment, "input_size": input_size}
+                         for m, a in accuracy.items()])  # fmt: skip
 
 
 def test_measure_difference_claim_one_seed_and_several():
@@ -164,10 +173,11 @@ def test_a_failed_sanity_check_makes_the_claim_inconclusive():
     checks = tables["adversarial_checks"]
     checks.loc[(checks.model == "cnn-pooled") & (checks.check == "iterative"), "passed"] = False  # the compared model's
     row = claim_row(claim, tables, "full")
-    assert row["verdict"] == "inconclusive" and "sanity check failed: cnn-pooled iterative" in row["notes"]
+    assert row["verdict"] == "inconclusive" and "sanity check failed: cnn-pooled iterative" in row["precondition"]
+    assert row["precondition"].startswith("FAILED")
     del tables["adversarial_checks"]
     row = claim_row(claim, tables, "full")
-    assert row["verdict"] == "inconclusive" and "none recorded" in row["notes"]
+    assert row["verdict"] == "inconclusive" and "none recorded" in row["precondition"]
 
 
 def load_claims_text() -> str:
@@ -191,7 +201,8 @@ def test_detection_claim_reads_detected_over_fooled():
     det = pd.DataFrame([{"model": "capsnet", "attack": "autoattack", "loss": "standard", "eps": 0.3, "n": 1000,
                          "fooled": 900, "detected": 810, "seed": 0}])  # fmt: skip
     checks = pd.DataFrame([{"model": "capsnet", "check": "detector", "name": "fpr", "passed": True}])
-    row = claim_row(claim, {"adversarial_detection": det, "adversarial_checks": checks}, "full")
+    row = claim_row(claim, {"adversarial_detection": det, "adversarial_checks": checks, "models": _models(capsnet=0.99)},
+                    "full")
     assert row["measured_mean"] == pytest.approx(90.0) and row["verdict"] == "reproduced"
 
 
@@ -204,7 +215,7 @@ def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():
     row = claim_row(claims["multimnist-error"], {}, "full")
     assert row["verdict"] == "not run" and math.isnan(row["measured_mean"])
     t1 = pd.DataFrame([{"claim": "mnist-error-r3-recon", "model": "capsnet", "accuracy": 0.9975, "error": 0.0025,
-                        "n": 10000, "correct": 9975, "seed": 0}])  # fmt: skip
+                        "n": 10000, "correct": 9975, "seed": 0, "converged": True, "convergence": "held"}])  # fmt: skip
     row = claim_row(claims["mnist-error-r3-recon"], {"table1": t1}, "full")
     assert row["measured_mean"] == pytest.approx(0.25) and row["ci_low"] < 0.25 < row["ci_high"]
     assert row["verdict"] == "inconclusive"  # Wilson on 10k images is wider than the +-0.06 band
@@ -212,8 +223,9 @@ def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():
     assert claim_row(claims["params-capsnet"], {"params": params}, "quick")["verdict"] == "reproduced"
     aff = pd.DataFrame([{"model": m, "transform": "composite", "accuracy": a, "n": 400, "correct": 400 * a, "seed": 0}
                         for m, a in (("capsnet", 0.5), ("cnn-pooled", 0.9))])  # fmt: skip
-    row = claim_row(claims["affnist-gap"], {"affine": aff}, "full")
-    assert row["verdict"] == "not reproduced" and "composite" in row["notes"]
+    canvas = _models("canvas", 40, capsnet=0.995, **{"cnn-pooled": 0.993})
+    row = claim_row(claims["affnist-gap"], {"affine": aff, "models": canvas}, "full")
+    assert row["verdict"] == "not reproduced" and "composite" in row["notes"] and row["precondition"].startswith("held")
 
 
 def test_a_model_that_did_not_train_makes_its_claim_inconclusive():
@@ -223,7 +235,8 @@ def test_a_model_that_did_not_train_makes_its_claim_inconclusive():
 
     claims = load_claims()
     rows = [{"claim": "mnist-error-baseline", "model": "cnn-paper", "accuracy": a, "error": 1 - a, "n": 2000,
-             "correct": round(2000 * a), "seed": 0, "train_failed": failed} for a, failed in ((0.117, True),)]  # fmt: skip
+             "correct": round(2000 * a), "seed": 0, "train_failed": failed, "converged": True, "convergence": "held"}
+            for a, failed in ((0.117, True),)]  # fmt: skip
     row = claim_row(claims["mnist-error-baseline"], {"table1": pd.DataFrame(rows)}, "quick")
     assert row["measured_mean"] == pytest.approx(88.3)  # the measurement stays in the table...
     assert row["verdict"] == "inconclusive" and "training failed" in row["notes"]  # ...but decides nothing
@@ -262,3 +275,50 @@ def test_roc_auc_counts_pairs_and_ties():
     assert roc_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and roc_auc([0.3, 0.4], [0.1, 0.2]) == 0.0
     assert roc_auc([0.1, 0.5], [0.5]) == pytest.approx(0.75)  # one win, one tie over two pairs
     assert math.isnan(roc_auc([], [0.1])) and math.isnan(roc_auc([0.1], []))
+
+
+def test_a_failed_precondition_makes_any_verdict_inconclusive_and_says_why():
+    import pandas as pd
+
+    from capsbench.report.claims import claim_row
+
+    claims = load_claims()
+    tables = _adv([["capsnet", "capsnet", "fgsm", 0.1, 0.8, 1000, 800, 0], ["cnn-pooled", "cnn-pooled", "fgsm", 0.1, 0.6, 1000, 600, 0]])
+    row = claim_row(claims["adversarial-fgsm"], tables, "full")
+    assert row["verdict"] == "reproduced" and row["precondition"].startswith("held: test accuracy >= 98.5%")
+    tables["models"] = _models(capsnet=0.99, **{"cnn-pooled": 0.9801})  # the compared model is under-trained
+    row = claim_row(claims["adversarial-fgsm"], tables, "full")
+    assert row["verdict"] == "inconclusive"
+    assert row["precondition"] == "FAILED: test accuracy >= 98.5%: cnn-pooled seed 0 98.01% < 98.5%"
+    del tables["models"]  # a run that recorded no models cannot show the precondition
+    assert "no rows in tables/models.csv" in claim_row(claims["adversarial-fgsm"], tables, "full")["precondition"]
+    # Table 1: a decisive interval (far from the paper) says nothing about the paper when the model had not converged
+    t1 = pd.DataFrame([{"claim": "mnist-error-r3-recon", "model": "capsnet", "accuracy": 0.98, "error": 0.02, "n": 10000,
+                        "correct": 9800, "seed": 0, "converged": False, "convergence": "one test evaluation only"}])  # fmt: skip
+    row = claim_row(claims["mnist-error-r3-recon"], {"table1": t1}, "quick")
+    assert row["verdict"] == "inconclusive" and "not converged (one test evaluation only)" in row["precondition"]
+    t1["converged"] = True
+    assert claim_row(claims["mnist-error-r3-recon"], {"table1": t1}, "quick")["verdict"] == "not reproduced"
+    # affNIST: models trained at 28x28 are not the paper's protocol, however accurate
+    aff = pd.DataFrame([{"model": m, "transform": "composite", "accuracy": a, "n": 400, "correct": 400 * a, "seed": 0}
+                        for m, a in (("capsnet", 0.5), ("cnn-pooled", 0.9))])  # fmt: skip
+    row = claim_row(claims["affnist-gap"], {"affine": aff, "models": _models(capsnet=0.996, **{"cnn-pooled": 0.995})}, "quick")
+    assert row["verdict"] == "inconclusive" and "trained with augment=shift at 28x28" in row["precondition"]
+
+
+@pytest.mark.parametrize("requires,message", [
+    ('[{ key = "vibes", table = "models" }]', "unknown precondition key 'vibes'; known: accuracy, converged, protocol"),
+    ('[{ key = "accuracy", table = "nowhere", at_least = 0.9 }]', "reads table 'nowhere', which no run writes"),
+    ('[{ key = "converged", table = "clean" }]', "reads column converged, which table clean lacks"),
+    ('[{ key = "accuracy", table = "models" }]', "precondition accuracy needs 'at_least'"),
+    ('[{ key = "accuracy", table = "models", at_least = 99.2 }]', "accuracy.at_least must be a fraction in"),
+    ('[{ key = "accuracy", table = "models", at_least = 0.9, over = 1 }]', "has no parameter 'over'"),
+    ('{ key = "accuracy" }', "requires must be a list of inline tables"),
+])  # fmt: skip
+def test_claims_file_with_a_bad_precondition_is_refused_at_load(requires, message):
+    text = load_claims_text()
+    old = 'requires = [{ key = "accuracy", table = "models", at_least = 0.985 }]'
+    assert old in text
+    with pytest.raises(CapsbenchError, match="claim 'adversarial-fgsm': requires") as e:
+        load_claims(text.replace(old, f"requires = {requires}", 1))
+    assert message in str(e.value)

@@ -14,7 +14,7 @@ from capsbench.report.claims import VERDICTS, load_claims
 from tests.test_suites import assert_report_has_every_plot, shared_cache  # noqa: F401 - the fixture
 
 CLAIMS = "params-capsnet,params-baseline,mnist-error-r1-norecon,affnist-gap,adversarial-fgsm,multimnist-error"
-COLUMNS = ["claim", "paper_value", "unit", "band", "measured_mean", "ci_low", "ci_high", "n_seeds", "verdict", "notes"]
+COLUMNS = ["claim", "paper_value", "unit", "band", "measured_mean", "ci_low", "ci_high", "n_seeds", "verdict", "precondition", "notes"]
 
 
 def run_paper(out, cache, *extra: str) -> int:
@@ -39,6 +39,11 @@ def test_run_paper_measures_the_chosen_claims(shared_cache, tmp_path):  # noqa: 
         assert "reduced protocol (preset smoke)" in row.notes, cid
     t1 = pd.read_csv(out / "tables" / "table1.csv")
     assert list(t1.claim) == ["mnist-error-r1-norecon"]  # only the variant a chosen claim needs was trained
+    assert not t1.converged.any() and t1.epochs.iloc[0] == pytest.approx(20 * 32 / 4096, abs=1e-3)  # 20 steps: not converged
+    row = by.loc["mnist-error-r1-norecon"]  # so its verdict cannot be decisive, whatever its interval
+    assert row.verdict == "inconclusive" and row.precondition.startswith("FAILED: converged: capsnet seed 0 not converged")
+    assert by.loc["adversarial-fgsm", "precondition"].startswith("FAILED: test accuracy >= 98.5%")  # smoke models
+    assert pd.read_csv(out / "tables" / "models.csv").model.tolist() == ["capsnet", "cnn-pooled"]
     err = 100 * t1.error.iloc[0]
     assert by.loc["mnist-error-r1-norecon", "measured_mean"] == pytest.approx(err, abs=1e-3)
     config = tomllib.loads((out / "config.toml").read_text())
@@ -76,3 +81,36 @@ def test_every_claim_names_a_part_of_the_paper_suite():
     for c in load_claims().values():
         assert c.part in suite["parts"], c.id
         assert not math.isnan(c.band[0]) and c.table
+
+
+def test_the_standard_paper_run_leaves_out_what_does_not_fit_on_a_cpu_and_says_why():
+    """`run paper --preset standard` evaluates the claims that fit on a CPU, narrows its parts to
+    theirs, and lists each left-out claim as not run with the preset's reason; --claims overrides."""
+    from capsbench.parts import load_parts
+    from capsbench.runner import claim_selection, evaluate_claims
+    from capsbench.suite import RunRequest, find_suite, read_suite, resolve
+
+    load_parts()
+    r = resolve(read_suite(find_suite("paper")), "paper", RunRequest("paper", preset="standard", device="cpu"))
+    left_out = {"mnist-error-baseline", "affnist-capsnet", "affnist-gap", "multimnist-error"}
+    assert set(r.skip_claims) == left_out and r.train.schedule == "onecycle" and r.train.input_size == 28
+    claims = claim_selection(r, ())
+    assert {c.id for c in claims} == set(load_claims()) - left_out
+    assert list(r.parts) == ["table1", "adversarial"]  # affine and multimnist are not run at all
+    assert "mnist-error-baseline" not in r.parts["table1"].claims and len(r.parts["table1"].claims) == 7
+    rows = evaluate_claims(claims, {}, r).set_index("claim")
+    assert set(rows.index) == set(load_claims()) and (rows.loc[sorted(left_out), "verdict"] == "not run").all()
+    assert rows.loc["mnist-error-baseline", "notes"].startswith("left out by preset standard: the paper's baseline CNN")
+    again = resolve(read_suite(find_suite("paper")), "paper", RunRequest("paper", preset="standard", device="cpu"))
+    assert [c.id for c in claim_selection(again, ("mnist-error-baseline",))] == ["mnist-error-baseline"]
+    assert again.skip_claims == {}  # named claims run, whatever the preset leaves out
+
+
+def test_skip_claims_with_an_unknown_claim_or_no_reason_is_refused(tmp_path, capsys):
+    suite = tmp_path / "mine.toml"
+    for bad, needle in (('nope = "too slow"', "skip_claims: unknown claim 'nope'"),
+                        ('adversarial-fgsm = ""', "skip_claims must be a table of claim id")):  # fmt: skip
+        suite.write_text(f'models = ["capsnet"]\nparts = ["adversarial"]\n[skip_claims]\n{bad}\n')
+        assert main(["run", str(suite), "--preset", "smoke", "--out", str(tmp_path / "x")]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -11,11 +11,13 @@ import pytest
 from capsbench.cli import main
 from capsbench.data.mnist import cache_dir
 from capsbench.suite import known_suites
+from capsbench.train.convergence import RECORD_COLUMNS
 
 pytestmark = pytest.mark.slow  # every test here runs suites end to end on real MNIST
 
 COLUMNS = {
     "clean": {"model", "accuracy", "n", "seed"},
+    "models": set(RECORD_COLUMNS),
     "affine": {"model", "transform", "value", "accuracy", "n", "seed"},
     "adversarial": {"model", "attack", "eps", "accuracy", "n", "source_model", "seed"},
     "throughput": {"model", "mode", "device", "dtype", "batch_size", "samples_per_sec", "step_ms_median",
@@ -93,6 +95,12 @@ def test_robustness_smoke_numbers_are_consistent(shared_cache, tmp_path):
     assert "affnist" not in set(aff["transform"])  # no path given: the row is absent, not faked
     summary = (out / "summary.md").read_text()
     assert "not comparable to the paper" in summary and "Sanity checks" in summary
+    models = pd.read_csv(out / "tables" / "models.csv").set_index("model")
+    assert list(models.columns) == list(RECORD_COLUMNS[1:]) and set(models.index) == {"capsnet", "cnn-pooled"}
+    assert (models.images_seen == models.steps * models.batch_size).all() and models.epochs.tolist() == [pytest.approx(60 * 32 / 4096, abs=1e-3)] * 2
+    assert not models.converged.any()  # under two epochs: convergence not shown
+    assert (models.floor == 0).all() and models.meets_floor.all()  # smoke has no floor
+    assert "## Models" in summary and "no: no two test evaluations an epoch apart" in summary
     again = tmp_path / "again"
     assert run("adversarial", again, shared_cache) == 0  # same protocol: the models come from the cache
     assert (again / "summary.md").read_text().count("| yes |") == 2

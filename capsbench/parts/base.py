@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from capsbench.core.registry import Registry
+from capsbench.report.tables import TABLES
 from capsbench.train.config import TrainConfig
 
 
@@ -84,7 +85,6 @@ class Part:
 
 PARTS: Registry[Part] = Registry("suite part")
 
-
 def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_training: bool = True,
          per_seed: bool = True, precheck: Callable[[Any, dict[str, Any]], None] | None = None,
          ) -> Callable[[PartFn], PartFn]:  # fmt: skip
@@ -93,6 +93,8 @@ def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_trai
     def deco(fn: PartFn) -> PartFn:
         tabs = {k: tuple(v) for k, v in tables.items()}
         PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck))
+        for table, columns in tabs.items():
+            TABLES.register(table, part=name)(columns)
         return fn
 
     return deco

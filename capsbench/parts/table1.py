@@ -66,6 +66,7 @@ def param_rows(claims: list, seed: int) -> list[dict]:
 def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
     """Train (or fetch from the cache) the claim's model and measure its test error."""
     from capsbench.train.cache import get_trained
+    from capsbench.train.convergence import training_record
     from capsbench.train.tasks import evaluate, test_inputs
 
     if ctx.data is None:
@@ -83,16 +84,18 @@ def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
     x, y = ctx.data.test_x[:n].to(ctx.device), ctx.data.test_y[:n].to(ctx.device)
     acc, n = evaluate(tm.model, x, y, lambda xb: test_inputs(train, xb), cfg.batch_size, ctx.dtype)
     print(f"  table1 {claim.id}: {claim.model} {how}, test error {100 * (1 - acc):.2f}% (n={n})", file=sys.stderr)
+    rec = training_record(claim.model, tm.meta, train, len(ctx.data.train_x), ctx.seed, tm.cached)
     return {"claim": claim.id, "model": claim.model, "options": json.dumps(claim.options, sort_keys=True),
             "params": tm.meta["params"], "accuracy": acc, "error": 1 - acc, "n": n, "correct": round(acc * n),
-            "seed": ctx.seed, "steps": tm.meta["steps"], "train_seconds": tm.meta["train_seconds"],
+            "seed": ctx.seed, "steps": tm.meta["steps"], **{k: rec[k] for k in TRAINING_COLUMNS}, "train_seconds": tm.meta["train_seconds"],
             "from_cache": tm.cached, "paper_error_pct": claim.paper_value,
             "train_failed": bool(acc < CHANCE_FACTOR / tm.model.num_classes)}  # fmt: skip
 
 
+TRAINING_COLUMNS = ("images_seen", "epochs", "converged", "convergence")  # of train/convergence.py's record
 TABLE1_TABLES = {
     "table1": ("claim", "model", "options", "params", "accuracy", "error", "n", "correct", "seed", "steps",
-               "train_seconds", "from_cache", "paper_error_pct", "train_failed"),
+               *TRAINING_COLUMNS, "train_seconds", "from_cache", "paper_error_pct", "train_failed"),
     "params": ("claim", "model", "options", "params", "seed"),
 }
 
@@ -112,7 +115,9 @@ def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
                   markdown_table(pd.DataFrame([{"claim": r.claim, "model": r.model, "options": r.options,
                                                 "test error %": f"{100 * r.error:.2f}", "paper %": r.paper_error_pct,
                                                 "accuracy": format_accuracy(r.accuracy, int(r.n)), "steps": r.steps,
-                                                "trained": "NO (at chance)" if r.train_failed else "yes"}
+                                                "epochs": f"{r.epochs:.2f}",
+                                                "trained": "NO (at chance)" if r.train_failed else "yes",
+                                                "converged": ("yes: " if r.converged else "no: ") + r.convergence}
                                                for r in errors.itertuples()])), ""]  # fmt: skip
         failed = errors[errors.train_failed]
         if len(failed):

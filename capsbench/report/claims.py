@@ -9,6 +9,9 @@ Given the measured 95% interval [ci_low, ci_high]:
 - ``not reproduced``: the interval and the band do not meet;
 - ``inconclusive``: they overlap but the interval reaches outside the band (too wide to decide);
 - ``not run``: no measurement.
+
+A claim's preconditions (``requires``, report/preconditions.py) and sanity checks (``checks``)
+must hold on the run's tables for any verdict but ``inconclusive``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from typing import Any
 import pandas as pd
 
 from capsbench.core.errors import CapsbenchError
+from capsbench.report import preconditions
+from capsbench.report.preconditions import Precondition
 from capsbench.report.select import select_rows
 from capsbench.report.stats import newcombe_interval, seed_summary, wilson_interval
+from capsbench.report.tables import known_tables
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
 FIELDS = ("source", "statement", "paper_value", "unit", "metric", "protocol", "model", "options", "part", "table",
@@ -55,6 +61,7 @@ class Claim:
     minus: str = ""  # a second model to subtract (a difference claim), on the same images
     train: dict[str, Any] = field(default_factory=dict)  # training-config overrides of this claim's model
     checks: tuple[str, ...] = ()  # sanity-check keys (CHECK_KEYS) that must pass for a verdict
+    requires: tuple[Precondition, ...] = ()  # what the measurement needs to be meaningful (preconditions.py)
 
     @property
     def tolerance_rule(self) -> str:
@@ -66,7 +73,7 @@ class Claim:
         return f"95% interval inside [{lo:g}, {hi:g}]"
 
 
-def _claim(cid: str, raw: dict[str, Any]) -> Claim:
+def _claim(cid: str, raw: dict[str, Any], tables: dict[str, tuple[str, ...]]) -> Claim:
     missing = [f for f in FIELDS if f not in raw]
     if missing:
         raise CapsbenchError(f"claim {cid!r} lacks {', '.join(missing)} (capsbench/report/claims.toml)")
@@ -84,10 +91,11 @@ def _claim(cid: str, raw: dict[str, Any]) -> Claim:
     bad = [c for c in checks if c not in CHECK_KEYS] if isinstance(checks, list) else [checks]
     if bad:
         raise CapsbenchError(f"claim {cid!r}: unknown check {bad[0]!r}; known checks: {', '.join(CHECK_KEYS)}")
+    requires = preconditions.parse(cid, raw["requires"], tables) if "requires" in raw else ()
     return Claim(cid, raw["source"], raw["statement"], float(raw["paper_value"]), raw["unit"], raw["metric"],
                  raw["protocol"], raw["model"], (lo, hi), dict(raw["options"]), raw["part"], raw["table"],
                  raw["value"], dict(raw["where"]), raw.get("minus", ""), dict(raw.get("train", {})),
-                 tuple(checks))  # fmt: skip
+                 tuple(checks), requires)  # fmt: skip
 
 
 def load_claims(text: str | None = None) -> dict[str, Claim]:
@@ -98,7 +106,8 @@ def load_claims(text: str | None = None) -> dict[str, Claim]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # e.g. a claim id declared twice
         raise CapsbenchError(f"the claims registry is not valid TOML: {e}") from None
-    return {cid: _claim(cid, r) for cid, r in raw.items()}
+    tables = known_tables()
+    return {cid: _claim(cid, r, tables) for cid, r in raw.items()}
 
 
 def select(ids: str | None, claims: dict[str, Claim] | None = None) -> list[Claim]:
@@ -187,7 +196,7 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
            "band": f"[{claim.band[0]:g}, {claim.band[1]:g}]"}  # fmt: skip
     if m is None:
         return {**row, "measured_mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 0,
-                "verdict": "not run", "notes": f"no {claim.table} measurement in this run (part {claim.part})"}  # fmt: skip
+                "verdict": "not run", "precondition": "", "notes": f"no {claim.table} measurement in this run (part {claim.part})"}  # fmt: skip
     notes = [m["method"]]
     if m["chosen"].get("transform") == "composite":
         notes.append("affNIST-style composite set, not affNIST (set affine.affnist_path for the real test set)")
@@ -197,12 +206,25 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
     if m.get("failed"):  # a model that did not learn cannot speak for or against the claim
         decided = "inconclusive"
         notes.append(f"training failed (accuracy at chance) for seed(s) {', '.join(map(str, m['failed']))}")
-    failed_checks = gate_checks(claim, tables)
-    if failed_checks:
+    held, precondition = preconditions_line(claim, tables)
+    if not held:
         decided = "inconclusive"
-        notes.append(f"sanity check failed: {failed_checks}")
     return {**row, "measured_mean": round(m["mean"], 6), "ci_low": round(m["ci_low"], 6), "ci_high": round(m["ci_high"], 6),
-            "n_seeds": m["n_seeds"], "verdict": decided, "notes": "; ".join(notes)}  # fmt: skip
+            "n_seeds": m["n_seeds"], "verdict": decided, "precondition": precondition, "notes": "; ".join(notes)}  # fmt: skip
+
+
+def preconditions_line(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[bool, str]:
+    """(whether the claim's preconditions and sanity checks hold, the claims table's line)."""
+    held, failed = preconditions.evaluate(claim, tables)
+    if claim.checks:
+        bad = gate_checks(claim, tables)
+        if bad:
+            failed.append(f"sanity check failed: {bad}")
+        else:
+            held.append(f"sanity checks passed ({', '.join(claim.checks)})")
+    if failed:
+        return False, "FAILED: " + "; ".join(failed)
+    return True, "held: " + ", ".join(held) if held else "none"
 
 
 def gate_checks(claim: Claim, tables: dict[str, pd.DataFrame]) -> str:

@@ -61,6 +61,19 @@ def _params(run: Run, model: str) -> str:
     return "–"
 
 
+def _trained(df: pd.DataFrame | None, model: str) -> str:
+    """How well ``model`` was trained (tables/models.csv): accuracy at the end of training, epochs,
+    convergence, and a mark when it is below its preset's accuracy floor."""
+    if df is None or df.empty or not (df.model == model).any():
+        return "–"
+    cells = []
+    for r in df[df.model == model].itertuples():
+        floor = f"BELOW THE FLOOR {100 * r.floor:g}%; " if not r.meets_floor else ""
+        conv = "converged" if r.converged else "not converged"
+        cells.append(f"{floor}{100 * r.test_accuracy:.2f}% (n={int(r.test_n)}), {r.epochs:.2f} epochs, {conv}")
+    return " | ".join(cells)
+
+
 HEADLINE_ATTACKS = [("FGSM", "fgsm", 0.1), ("PGD", "pgd", 0.1), ("AutoAttack", "autoattack", 0.1),
                     ("worst case", "worst-case", 0.1), ("worst case", "worst-case", 0.3)]
 
@@ -80,7 +93,7 @@ def headline(run: Run) -> pd.DataFrame:
     adv = t.get("adversarial")  # select_rows keeps its white-box rows
     rows = []
     for m in models:
-        row = {"run": run.label + run.mark, "model": m, "params": _params(run, m),
+        row = {"run": run.label + run.mark, "model": m, "params": _params(run, m), "trained": _trained(t.get("models"), m),
                "clean %": accuracy_cell(_per_seed(t.get("clean"), m)),
                "composite %": accuracy_cell(_per_seed(t.get("affine"), m, transform="composite"))}  # fmt: skip
         for label, attack, eps in HEADLINE_ATTACKS:
@@ -159,7 +172,9 @@ def build(runs: list[Run]) -> Blocks:
         b.add("table", diff) if not diff.empty else b.add("p", "The runs' configurations are identical.")
     b.add("h2", "Headline")
     b.add("p", "Accuracies in % with a 95% interval: a Wilson interval over the n test images for one seed, a "
-          "t-interval over seeds for several (mean ± std). Composite: the affNIST-style composite affine set. "
+          "t-interval over seeds for several (mean ± std). Trained: test accuracy at the end of training, epochs, the "
+          "convergence rule (summary.md), and BELOW THE FLOOR where a model misses its preset's accuracy floor, "
+          "so its numbers describe an under-trained model. Composite: the affNIST-style composite affine set. "
           "White-box L-inf, eps in pixel units: FGSM and PGD (BIM: no random start) as the per-image worst case over "
           "the attack losses each model provides (margin, ce, dlr); AutoAttack standard (APGD-CE, APGD-T, Square; "
           "budget in the run's summary); worst case: an image is robust only if every attack and loss failed, the "

@@ -1,0 +1,142 @@
+"""Claim preconditions: what a claim's measurement needs to be meaningful, as data (``requires``
+in claims.toml), checked from the run's own tables. A claim whose precondition fails is
+``inconclusive`` whatever its interval says, and the claims table names the precondition.
+
+A precondition is an inline table ``{ key = KIND, table = TABLE, ...parameters }``:
+
+- ``accuracy`` (``at_least``, a fraction): every compared model's test accuracy >= at_least;
+- ``converged``: every compared model met the convergence rule (train/convergence.py);
+- ``protocol`` (``augment``, and optionally ``input_size``): the models were trained under it,
+  e.g. the affNIST protocol: ``augment = "canvas"``, ``input_size = 40``.
+
+The rows read are the claim's own (``claim`` column = its id) where the table has a claim column
+(table1), else those of the claim's model and the model it is compared with (tables/models.csv).
+Unknown kinds, parameters or tables, and tables without the columns a kind reads, are refused
+when claims.toml loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+
+from capsbench.core.errors import CapsbenchError
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A precondition kind: its parameters (name -> type; required unless in ``optional``), the
+    columns it reads (a tuple = any one of them), and its test of one row."""
+
+    params: dict[str, type]
+    columns: tuple[tuple[str, ...], ...]
+    test: Callable[[Any, dict[str, Any]], str]  # (row, params) -> "" if it holds, else why not
+    describe: Callable[[dict[str, Any]], str]
+    optional: tuple[str, ...] = ()
+
+
+def _accuracy(row: Any, p: dict[str, Any]) -> str:
+    acc = float(getattr(row, "test_accuracy", getattr(row, "accuracy", float("nan"))))
+    return "" if acc >= p["at_least"] else f"{100 * acc:.2f}% < {100 * p['at_least']:g}%"
+
+
+def _converged(row: Any, p: dict[str, Any]) -> str:
+    return "" if bool(row.converged) else f"not converged ({row.convergence})"
+
+
+def _protocol(row: Any, p: dict[str, Any]) -> str:
+    wrong = row.augment != p["augment"] or ("input_size" in p and int(row.input_size) != p["input_size"])
+    return f"trained with augment={row.augment} at {int(row.input_size)}x{int(row.input_size)}" if wrong else ""
+
+
+def _protocol_text(p: dict[str, Any]) -> str:
+    size = f" at {p['input_size']}x{p['input_size']}" if "input_size" in p else ""
+    return f"trained with augment={p['augment']}{size}"
+
+
+KINDS: dict[str, Kind] = {
+    "accuracy": Kind({"at_least": float}, (("test_accuracy", "accuracy"),), _accuracy,
+                     lambda p: f"test accuracy >= {100 * p['at_least']:g}%"),  # fmt: skip
+    "converged": Kind({}, (("converged",), ("convergence",)), _converged, lambda p: "converged"),
+    "protocol": Kind({"augment": str, "input_size": int}, (("augment",), ("input_size",)), _protocol, _protocol_text,
+                     optional=("input_size",)),  # fmt: skip
+}
+
+
+@dataclass(frozen=True)
+class Precondition:
+    kind: str
+    table: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return KINDS[self.kind].describe(self.params)
+
+
+def parse(cid: str, raw: Any, tables: dict[str, tuple[str, ...]]) -> tuple[Precondition, ...]:
+    """A claim's ``requires`` list, checked against the kinds and the tables runs write."""
+    where = f"claim {cid!r}: requires"
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise CapsbenchError(f"{where} must be a list of inline tables {{ key = ..., table = ... }}, got {raw!r}")
+    return tuple(_parse_one(f"{where}[{i}]", r, tables) for i, r in enumerate(raw))
+
+
+def _parse_one(where: str, r: dict[str, Any], tables: dict[str, tuple[str, ...]]) -> Precondition:
+    kind, table = r.get("key"), r.get("table")
+    if kind not in KINDS:
+        raise CapsbenchError(f"{where}: unknown precondition key {kind!r}; known: {', '.join(KINDS)}")
+    if table not in tables:
+        hint = "" if set(tables) - {"models", "clean"} else " (the parts' tables appear once capsbench.parts.load_parts() ran)"
+        raise CapsbenchError(f"{where}: precondition {kind} reads table {table!r}, which no run writes; "
+                             f"known tables: {', '.join(sorted(tables))}{hint}")  # fmt: skip
+    k = KINDS[kind]
+    lacking = [" or ".join(c) for c in k.columns if not set(c) & set(tables[table])]
+    if lacking:
+        raise CapsbenchError(f"{where}: precondition {kind} reads column {lacking[0]}, which table {table} lacks")
+    params = {p: v for p, v in r.items() if p not in ("key", "table")}
+    for p, v in params.items():
+        if p not in k.params:
+            raise CapsbenchError(f"{where}: precondition {kind} has no parameter {p!r}; "
+                                 f"its parameters: {', '.join(k.params) or 'none'}")  # fmt: skip
+        tp = k.params[p]
+        if not isinstance(v, tp) or isinstance(v, bool) or (tp is float and not 0 < v <= 1):
+            want = "a fraction in (0, 1]" if tp is float else f"a {tp.__name__}"
+            raise CapsbenchError(f"{where}: {kind}.{p} must be {want}, got {v!r}")
+    missing = [p for p in k.params if p not in params and p not in k.optional]
+    if missing:
+        raise CapsbenchError(f"{where}: precondition {kind} needs {missing[0]!r}")
+    return Precondition(kind, table, params)
+
+
+def _rows(pre: Precondition, claim: Any, tables: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
+    df = tables.get(pre.table)
+    if df is None or df.empty:
+        return None
+    if "claim" in df.columns:
+        return df[df.claim == claim.id]
+    return df[df.model.isin([claim.model] + ([claim.minus] if claim.minus else []))]
+
+
+def check(pre: Precondition, claim: Any, tables: dict[str, pd.DataFrame]) -> str:
+    """'' when the precondition holds on the run's tables, else one line saying why not."""
+    rows = _rows(pre, claim, tables)
+    if rows is None or rows.empty:
+        return f"{pre.describe()}: no rows in tables/{pre.table}.csv to check it on"
+    fails = []
+    for r in rows.itertuples():
+        why = KINDS[pre.kind].test(r, pre.params)
+        if why:
+            seed = f" seed {int(r.seed)}" if "seed" in rows.columns else ""
+            fails.append(f"{r.model}{seed} {why}")
+    return f"{pre.describe()}: " + "; ".join(fails) if fails else ""
+
+
+def evaluate(claim: Any, tables: dict[str, pd.DataFrame]) -> tuple[list[str], list[str]]:
+    """(the preconditions of ``claim`` that held, in words; why each failing one failed)."""
+    held, failed = [], []
+    for pre in claim.requires:
+        why = check(pre, claim, tables)
+        failed.append(why) if why else held.append(pre.describe())
+    return held, failed
