@@ -200,12 +200,12 @@ def list_claims() -> list[dict[str, Any]]:
     from capsbench.report.claims import load_claims
 
     load_parts()  # the preconditions name the parts' tables
-
     rows = []
     for c in load_claims().values():
         value = "qualitative" if math.isnan(c.paper_value) else f"{c.paper_value:g} {c.unit}"
+        needs = [p.describe() for p in c.requires] + ([f"checks: {', '.join(c.checks)}"] if c.checks else [])
         rows.append({"claim": c.id, "paper value": value, "tolerance rule": c.tolerance_rule,
-                     "source": c.source, "statement": c.statement})  # fmt: skip
+                     "preconditions": "; ".join(needs) or "-", "source": c.source, "statement": c.statement})  # fmt: skip
     return rows
 
 

@@ -124,6 +124,9 @@ def claim_selection(r: Resolved, ids: tuple[str, ...]) -> list | None:
     from capsbench.report.claims import select
 
     if not ids and r.name != "paper":
+        if r.skip_claims:
+            raise CapsbenchError(f"skip_claims: suite {r.name} evaluates no claims (only `paper` does, or a run "
+                                 "with --claims), so there is nothing to leave out; remove the table")  # fmt: skip
         return None
     claims = select(",".join(ids))
     if not ids and r.skip_claims:
@@ -145,13 +148,11 @@ def claim_selection(r: Resolved, ids: tuple[str, ...]) -> list | None:
 
 def evaluate_claims(claims: list, tables: dict[str, Any], r: Resolved):
     """claims.csv: a verdict per evaluated claim, and a "not run" row per claim the preset left out."""
-    from capsbench.report.claims import claim_row, select
+    from capsbench.report.claims import claim_row, not_run_row, select
 
     rows = [claim_row(c, tables, r.preset) for c in claims]
     for c in select(",".join(r.skip_claims)) if r.skip_claims else []:
-        rows.append({"claim": c.id, "paper_value": c.paper_value, "unit": c.unit,
-                     "band": f"[{c.band[0]:g}, {c.band[1]:g}]", "verdict": "not run", "precondition": "",
-                     "notes": f"left out by preset {r.preset}: {r.skip_claims[c.id]}"})  # fmt: skip
+        rows.append(not_run_row(c, f"left out by suite {r.name}, preset {r.preset}: {r.skip_claims[c.id]}"))
     return pd.DataFrame(rows)
 
 

@@ -148,6 +148,8 @@ def skipped_claims(raw: Any) -> dict[str, str]:
     """``[skip_claims]``: claim id -> the reason this suite or preset leaves it out (a sentence)."""
     from capsbench.report.claims import load_claims
 
+    if raw == {}:
+        return {}
     if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
         raise CapsbenchError(f"skip_claims must be a table of claim id = \"reason\", got {raw!r}")
     known = load_claims()

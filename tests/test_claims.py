@@ -314,6 +314,10 @@ def test_a_failed_precondition_makes_any_verdict_inconclusive_and_says_why():
     ('[{ key = "accuracy", table = "models", at_least = 99.2 }]', "accuracy.at_least must be a fraction in"),
     ('[{ key = "accuracy", table = "models", at_least = 0.9, over = 1 }]', "has no parameter 'over'"),
     ('{ key = "accuracy" }', "requires must be a list of inline tables"),
+    ('[{ key = ["accuracy"], table = "models", at_least = 0.9 }]', "unknown precondition key ['accuracy']"),
+    ('[{ key = "accuracy", table = "tta_curve", at_least = 0.9 }]', "reads column model or claim, which table tta_curve lacks"),
+    ('[{ key = "protocol", table = "models", augment = "canvass" }]', "protocol.augment must be one of shift, canvas, none"),
+    ('[{ key = "images", table = "models", at_least = 0.5 }]', "images.at_least must be an integer >= 0"),
 ])  # fmt: skip
 def test_claims_file_with_a_bad_precondition_is_refused_at_load(requires, message):
     text = load_claims_text()
@@ -322,3 +326,28 @@ def test_claims_file_with_a_bad_precondition_is_refused_at_load(requires, messag
     with pytest.raises(CapsbenchError, match="claim 'adversarial-fgsm': requires") as e:
         load_claims(text.replace(old, f"requires = {requires}", 1))
     assert message in str(e.value)
+
+
+def test_preconditions_need_a_row_for_every_compared_model_and_count_training_images():
+    import pandas as pd
+
+    from capsbench.report.claims import claim_row
+
+    claims = load_claims()
+    tables = _adv([["capsnet", "capsnet", "fgsm", 0.1, 0.8, 1000, 800, 0], ["cnn-pooled", "cnn-pooled", "fgsm", 0.1, 0.6, 1000, 600, 0]])
+    tables["models"] = _models(capsnet=0.99)  # the compared model has no record: it cannot show the precondition
+    row = claim_row(claims["adversarial-fgsm"], tables, "full")
+    assert row["verdict"] == "inconclusive" and "no row for cnn-pooled in tables/models.csv" in row["precondition"]
+    mm = pd.DataFrame([{"model": "capsnet", "seed": 0, "n": 1000, "error": 0.5, "correct_both": 500, "steps": s,
+                        "batch_size": 32} for s in (300,)])  # fmt: skip
+    row = claim_row(claims["multimnist-error"], {"multimnist": mm}, "quick")
+    assert row["verdict"] == "inconclusive" and "capsnet seed 0 saw 9,600 training images" in row["precondition"]
+    mm["steps"], mm["batch_size"] = 50000, 128
+    assert claim_row(claims["multimnist-error"], {"multimnist": mm}, "full")["verdict"] == "not reproduced"
+
+
+def test_a_suite_that_evaluates_no_claims_refuses_skip_claims(tmp_path, capsys):
+    suite = tmp_path / "mine.toml"
+    suite.write_text('models = ["capsnet"]\nparts = ["adversarial"]\n[skip_claims]\nadversarial-fgsm = "slow"\n')
+    assert main(["run", str(suite), "--preset", "smoke", "--out", str(tmp_path / "x")]) == 2
+    assert "skip_claims: suite mine evaluates no claims" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -48,3 +48,17 @@ def test_presets_state_their_floor_and_standard_its_schedule():
     assert std.schedule == "onecycle" and std.lr_schedule().factor(std.steps - 1) < 1e-6  # cosine to 0 at the end
     assert std.steps * std.batch_size / 60000 == pytest.approx(11.98, abs=0.01)
     assert train_config("standard-canvas").input_size == 40
+
+
+def test_the_schedule_is_in_the_cache_key_and_the_rules_are_not():
+    base = TrainConfig(steps=100)
+    assert base.weight_key() != TrainConfig(steps=100, schedule="onecycle").weight_key()
+    assert base.weight_key() != TrainConfig(steps=100, warmup_steps=10).weight_key()
+    assert base.weight_key() == TrainConfig(steps=100, converge_tol=0.01, floor=0.9).weight_key()
+
+
+def test_a_warmup_as_long_as_the_run_is_refused():
+    from capsbench.core.errors import CapsbenchError
+
+    with pytest.raises(CapsbenchError, match=r"train.warmup_steps must be < steps \(100\), got 100"):
+        train_config("smoke", steps=100, warmup_steps=100)

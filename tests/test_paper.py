@@ -100,7 +100,8 @@ def test_the_standard_paper_run_leaves_out_what_does_not_fit_on_a_cpu_and_says_w
     assert "mnist-error-baseline" not in r.parts["table1"].claims and len(r.parts["table1"].claims) == 7
     rows = evaluate_claims(claims, {}, r).set_index("claim")
     assert set(rows.index) == set(load_claims()) and (rows.loc[sorted(left_out), "verdict"] == "not run").all()
-    assert rows.loc["mnist-error-baseline", "notes"].startswith("left out by preset standard: the paper's baseline CNN")
+    assert list(rows.reset_index().columns) == COLUMNS and rows.n_seeds.dtype.kind == "i"  # every column, counts as ints
+    assert rows.loc["mnist-error-baseline", "notes"].startswith("left out by suite paper, preset standard: the paper's baseline CNN")
     again = resolve(read_suite(find_suite("paper")), "paper", RunRequest("paper", preset="standard", device="cpu"))
     assert [c.id for c in claim_selection(again, ("mnist-error-baseline",))] == ["mnist-error-baseline"]
     assert again.skip_claims == {}  # named claims run, whatever the preset leaves out

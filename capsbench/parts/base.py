@@ -17,6 +17,7 @@ from torch import Tensor
 from capsbench.core.registry import Registry
 from capsbench.report.tables import TABLES
 from capsbench.train.config import TrainConfig
+from capsbench.train.convergence import RECORD_COLUMNS
 
 
 @dataclass
@@ -84,6 +85,10 @@ class Part:
 
 
 PARTS: Registry[Part] = Registry("suite part")
+# The runner's own tables, for every run that trains models (beside each part's, registered by @part)
+TABLES.register("models")(RECORD_COLUMNS)  # how well each model was trained (train/convergence.py)
+TABLES.register("clean")(("model", "accuracy", "n", "seed", "params"))  # clean accuracy on the run's test images
+
 
 def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_training: bool = True,
          per_seed: bool = True, precheck: Callable[[Any, dict[str, Any]], None] | None = None,

@@ -195,8 +195,7 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
     row = {"claim": claim.id, "paper_value": claim.paper_value, "unit": claim.unit,
            "band": f"[{claim.band[0]:g}, {claim.band[1]:g}]"}  # fmt: skip
     if m is None:
-        return {**row, "measured_mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 0,
-                "verdict": "not run", "precondition": "", "notes": f"no {claim.table} measurement in this run (part {claim.part})"}  # fmt: skip
+        return not_run_row(claim, f"no {claim.table} measurement in this run (part {claim.part})")
     notes = [m["method"]]
     if m["chosen"].get("transform") == "composite":
         notes.append("affNIST-style composite set, not affNIST (set affine.affnist_path for the real test set)")
@@ -211,6 +210,13 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
         decided = "inconclusive"
     return {**row, "measured_mean": round(m["mean"], 6), "ci_low": round(m["ci_low"], 6), "ci_high": round(m["ci_high"], 6),
             "n_seeds": m["n_seeds"], "verdict": decided, "precondition": precondition, "notes": "; ".join(notes)}  # fmt: skip
+
+
+def not_run_row(claim: Claim, why: str) -> dict[str, Any]:
+    """A claims.csv line with no measurement: every column, verdict ``not run``, ``why`` as the note."""
+    return {"claim": claim.id, "paper_value": claim.paper_value, "unit": claim.unit,
+            "band": f"[{claim.band[0]:g}, {claim.band[1]:g}]", "measured_mean": math.nan, "ci_low": math.nan,
+            "ci_high": math.nan, "n_seeds": 0, "verdict": "not run", "precondition": "", "notes": why}  # fmt: skip
 
 
 def preconditions_line(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[bool, str]:

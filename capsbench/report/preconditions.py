@@ -7,7 +7,9 @@ A precondition is an inline table ``{ key = KIND, table = TABLE, ...parameters }
 - ``accuracy`` (``at_least``, a fraction): every compared model's test accuracy >= at_least;
 - ``converged``: every compared model met the convergence rule (train/convergence.py);
 - ``protocol`` (``augment``, and optionally ``input_size``): the models were trained under it,
-  e.g. the affNIST protocol: ``augment = "canvas"``, ``input_size = 40``.
+  e.g. the affNIST protocol: ``augment = "canvas"``, ``input_size = 40``;
+- ``images`` (``at_least``, a count): every compared model saw at least that many training
+  images (steps x batch_size), for parts that train their own models (MultiMNIST).
 
 The rows read are the claim's own (``claim`` column = its id) where the table has a claim column
 (table1), else those of the claim's model and the model it is compared with (tables/models.csv).
@@ -30,7 +32,7 @@ class Kind:
     """A precondition kind: its parameters (name -> type; required unless in ``optional``), the
     columns it reads (a tuple = any one of them), and its test of one row."""
 
-    params: dict[str, type]
+    params: dict[str, type | tuple[type, ...]]
     columns: tuple[tuple[str, ...], ...]
     test: Callable[[Any, dict[str, Any]], str]  # (row, params) -> "" if it holds, else why not
     describe: Callable[[dict[str, Any]], str]
@@ -43,7 +45,12 @@ def _accuracy(row: Any, p: dict[str, Any]) -> str:
 
 
 def _converged(row: Any, p: dict[str, Any]) -> str:
-    return "" if bool(row.converged) else f"not converged ({row.convergence})"
+    return "" if row.converged is True or row.converged == 1 else f"not converged ({row.convergence})"
+
+
+def _images(row: Any, p: dict[str, Any]) -> str:
+    seen = int(row.steps) * int(row.batch_size)
+    return "" if seen >= p["at_least"] else f"saw {seen:,} training images"
 
 
 def _protocol(row: Any, p: dict[str, Any]) -> str:
@@ -56,13 +63,16 @@ def _protocol_text(p: dict[str, Any]) -> str:
     return f"trained with augment={p['augment']}{size}"
 
 
+AUGMENTS = ("shift", "canvas", "none")  # TrainConfig.augment's values
 KINDS: dict[str, Kind] = {
-    "accuracy": Kind({"at_least": float}, (("test_accuracy", "accuracy"),), _accuracy,
-                     lambda p: f"test accuracy >= {100 * p['at_least']:g}%"),  # fmt: skip
+    "accuracy": Kind({"at_least": (float, int)}, (("test_accuracy", "accuracy"),), _accuracy,
+                     lambda p: f"test accuracy >= {100 * p['at_least']:g}%"),
     "converged": Kind({}, (("converged",), ("convergence",)), _converged, lambda p: "converged"),
     "protocol": Kind({"augment": str, "input_size": int}, (("augment",), ("input_size",)), _protocol, _protocol_text,
-                     optional=("input_size",)),  # fmt: skip
-}
+                     optional=("input_size",)),
+    "images": Kind({"at_least": int}, (("steps",), ("batch_size",)), _images,
+                   lambda p: f"at least {p['at_least']:,} training images"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,14 +95,14 @@ def parse(cid: str, raw: Any, tables: dict[str, tuple[str, ...]]) -> tuple[Preco
 
 def _parse_one(where: str, r: dict[str, Any], tables: dict[str, tuple[str, ...]]) -> Precondition:
     kind, table = r.get("key"), r.get("table")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise CapsbenchError(f"{where}: unknown precondition key {kind!r}; known: {', '.join(KINDS)}")
-    if table not in tables:
-        hint = "" if set(tables) - {"models", "clean"} else " (the parts' tables appear once capsbench.parts.load_parts() ran)"
+    if not isinstance(table, str) or table not in tables:
+        hint = "" if tables else " (tables are registered when capsbench.parts.load_parts() runs)"
         raise CapsbenchError(f"{where}: precondition {kind} reads table {table!r}, which no run writes; "
                              f"known tables: {', '.join(sorted(tables))}{hint}")  # fmt: skip
     k = KINDS[kind]
-    lacking = [" or ".join(c) for c in k.columns if not set(c) & set(tables[table])]
+    lacking = [" or ".join(c) for c in (("model", "claim"), *k.columns) if not set(c) & set(tables[table])]
     if lacking:
         raise CapsbenchError(f"{where}: precondition {kind} reads column {lacking[0]}, which table {table} lacks")
     params = {p: v for p, v in r.items() if p not in ("key", "table")}
@@ -101,9 +111,12 @@ def _parse_one(where: str, r: dict[str, Any], tables: dict[str, tuple[str, ...]]
             raise CapsbenchError(f"{where}: precondition {kind} has no parameter {p!r}; "
                                  f"its parameters: {', '.join(k.params) or 'none'}")  # fmt: skip
         tp = k.params[p]
-        if not isinstance(v, tp) or isinstance(v, bool) or (tp is float and not 0 < v <= 1):
-            want = "a fraction in (0, 1]" if tp is float else f"a {tp.__name__}"
+        fraction = tp == (float, int)
+        if not isinstance(v, tp) or isinstance(v, bool) or (fraction and not 0 < v <= 1) or (tp is int and v < 0):
+            want = "a fraction in (0, 1]" if fraction else "an integer >= 0" if tp is int else "a string"
             raise CapsbenchError(f"{where}: {kind}.{p} must be {want}, got {v!r}")
+        if p == "augment" and v not in AUGMENTS:
+            raise CapsbenchError(f"{where}: {kind}.augment must be one of {', '.join(AUGMENTS)}, got {v!r}")
     missing = [p for p in k.params if p not in params and p not in k.optional]
     if missing:
         raise CapsbenchError(f"{where}: precondition {kind} needs {missing[0]!r}")
@@ -120,10 +133,15 @@ def _rows(pre: Precondition, claim: Any, tables: dict[str, pd.DataFrame]) -> pd.
 
 
 def check(pre: Precondition, claim: Any, tables: dict[str, pd.DataFrame]) -> str:
-    """'' when the precondition holds on the run's tables, else one line saying why not."""
+    """'' when the precondition holds on the run's tables, else one line saying why not (every
+    compared model needs rows: one without any cannot show the precondition)."""
     rows = _rows(pre, claim, tables)
     if rows is None or rows.empty:
         return f"{pre.describe()}: no rows in tables/{pre.table}.csv to check it on"
+    if "claim" not in rows.columns:
+        absent = [m for m in [claim.model] + ([claim.minus] if claim.minus else []) if m not in set(rows.model)]
+        if absent:
+            return f"{pre.describe()}: no row for {absent[0]} in tables/{pre.table}.csv to check it on"
     fails = []
     for r in rows.itertuples():
         why = KINDS[pre.kind].test(r, pre.params)

@@ -62,8 +62,9 @@ def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd
     out = [f"# capsbench run: {r.name}", ""]
     if r.preset != "full" and t.floor >= PAPER_GRADE:
         out += [f"> **Preset `{r.preset}` ({t.description}): models trained to paper-grade accuracy (floor "
-                f"{100 * t.floor:g}%) on a shorter schedule than the paper's; a number is comparable to the paper's "
-                "only where the Models table shows its models above the floor.**", ""]  # fmt: skip
+                f"{100 * t.floor:g}%, see Models) on a shorter schedule than the paper's, measured with reduced "
+                "budgets (test images, attack steps: each part's section says which). Not the paper's protocol.**",
+                ""]  # fmt: skip
     elif r.preset != "full":
         out += [f"> **Preset `{r.preset}`: a reduced protocol. These numbers are not comparable to the paper's.**", ""]
     protocol = {"shift": f"28x28 with random shifts up to {t.max_shift} px",
