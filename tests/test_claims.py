@@ -285,7 +285,7 @@ def test_a_failed_precondition_makes_any_verdict_inconclusive_and_says_why():
     claims = load_claims()
     tables = _adv([["capsnet", "capsnet", "fgsm", 0.1, 0.8, 1000, 800, 0], ["cnn-pooled", "cnn-pooled", "fgsm", 0.1, 0.6, 1000, 600, 0]])
     row = claim_row(claims["adversarial-fgsm"], tables, "full")
-    assert row["verdict"] == "reproduced" and row["precondition"].startswith("held: test accuracy >= 98.5%")
+    assert row["verdict"] == "reproduced" and row["precondition"].startswith("held: test accuracy >= 98.5%, converged")
     tables["models"] = _models(capsnet=0.99, **{"cnn-pooled": 0.9801})  # the compared model is under-trained
     row = claim_row(claims["adversarial-fgsm"], tables, "full")
     assert row["verdict"] == "inconclusive"
@@ -321,7 +321,7 @@ def test_a_failed_precondition_makes_any_verdict_inconclusive_and_says_why():
 ])  # fmt: skip
 def test_claims_file_with_a_bad_precondition_is_refused_at_load(requires, message):
     text = load_claims_text()
-    old = 'requires = [{ key = "accuracy", table = "models", at_least = 0.985 }]'
+    old = 'requires = [\n  { key = "accuracy", table = "models", at_least = 0.985 },\n  { key = "converged", table = "models" },\n]'
     assert old in text
     with pytest.raises(CapsbenchError, match="claim 'adversarial-fgsm': requires") as e:
         load_claims(text.replace(old, f"requires = {requires}", 1))
