@@ -40,7 +40,6 @@ from capsbench.train.step import CompileMode
 from capsbench.train.tasks import Evaluation, MnistTask
 from capsbench.train.trainer import Trainer
 
-PAPER = TrainConfig()  # the paper's decay: x0.96 every 2000 steps, continuously
 TICKS = (0.1, 0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)  # accuracy ticks of the logit axis
 
 
@@ -79,8 +78,9 @@ class TimeToAccuracyConfig:
             raise CapsbenchError(f"{where}.warmup_steps must be < max_steps ({self.max_steps}), got {self.warmup_steps}")
 
     def train_config(self, seed: int) -> TrainConfig:
-        """The MNIST task's view of this config (``TimedTask`` replaces its schedule and evaluations)."""
+        """The MNIST task's view of this config (``TimedTask`` replaces its evaluations)."""
         return TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                           schedule=self.schedule, warmup_steps=self.warmup_steps,
                            augment=self.augment, max_shift=self.max_shift, train_subset=self.train_n,
                            test_subset=self.test_n, amp=self.amp, compile=self.compile, compile_mode=self.compile_mode,
                            channels_last=self.channels_last, description="tta")  # fmt: skip
@@ -92,7 +92,7 @@ class TimeToAccuracyConfig:
 def lr_schedule(cfg: TimeToAccuracyConfig) -> Schedule:
     """The registered ``cfg.schedule`` after a linear warmup of ``warmup_steps``; onecycle reaches
     0 at ``max_steps``, paper decays x0.96 every 2000 steps from the warmup's end."""
-    return Schedule(cfg.schedule, PAPER.lr_decay, PAPER.lr_decay_steps, cfg.warmup_steps, cfg.max_steps)
+    return cfg.train_config(seed=0).lr_schedule()  # the seed does not enter the schedule
 
 
 def schedule_text(cfg: TimeToAccuracyConfig) -> str:
@@ -111,7 +111,7 @@ class TimedTask(MnistTask):
 
     def __init__(self, cfg: TimeToAccuracyConfig, data: Any, device: torch.device, seed: int) -> None:
         super().__init__(cfg.train_config(seed), data, device)
-        self.tta, self.schedule = cfg, lr_schedule(cfg)
+        self.tta = cfg  # the schedule is the MNIST task's, from cfg.train_config
         self.log_every = self.checkpoint_every = cfg.eval_every  # the evaluations are the only syncs
         self.lr_key, self.amp_key = "tta.lr", "tta.amp"
         self.order_gen = torch.Generator(device=device)

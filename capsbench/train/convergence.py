@@ -41,14 +41,16 @@ def training_record(name: str, meta: dict[str, Any], cfg: TrainConfig, train_ima
                     cached: bool) -> dict[str, Any]:  # fmt: skip
     """One row of RECORD_COLUMNS for a trained model's metadata (``meta`` of the cache entry);
     ``cfg`` gives the rule's tolerance and the floor, ``train_images`` the training set's size."""
-    train = meta["train"]
+    train, options = meta["train"], meta.get("options", {})
     n_train = min(train.get("train_subset") or train_images, train_images)
-    images = int(meta["steps"]) * int(train["batch_size"])
+    steps, bs = int(meta["steps"]), int(train["batch_size"])
+    images = steps * bs
     acc, n = float(meta["test_accuracy"]), int(meta["test_n"])
-    ok, why = convergence(meta, cfg, max(n_train // int(train["batch_size"]), 1))
+    ok, why = convergence(meta, cfg, max(n_train // bs, 1))
     return {
-        "model": name, "options": json.dumps(meta.get("options", {}), sort_keys=True), "seed": seed, "params": meta["params"],
-        "augment": train["augment"], "input_size": int(meta.get("options", {}).get("input_size", 28)), "steps": int(meta["steps"]), "batch_size": int(train["batch_size"]), "images_seen": images,
+        "model": name, "options": json.dumps(options, sort_keys=True), "seed": seed, "params": meta["params"],
+        "augment": train["augment"], "input_size": int(options.get("input_size", 28)), "steps": steps,
+        "batch_size": bs, "images_seen": images,
         "epochs": round(images / n_train, 3), "schedule": train.get("schedule", "paper"),
         "test_accuracy": acc, "test_n": n, "converged": ok, "convergence": why,
         "floor": cfg.floor, "meets_floor": acc >= cfg.floor, "train_seconds": float(meta["train_seconds"]),
