@@ -7,11 +7,14 @@ A recipe's key names its kind by its config's key ("train", "multimnist").
 
 ``<cache>/models/<prefix><name>-<key>/`` holds ``model.pt`` (state dict + metadata), ``meta.json``
 (human-readable) and, while training, ``checkpoint.pt`` (so a killed run resumes). A file
-lock makes two processes asking for the same model wait for one training run.
+lock makes two processes asking for the same model wait for one training run. Under torchrun every
+rank trains and rank 0 alone writes (train/distributed.py). ``entry_files`` and ``install_entry``
+move a finished entry between caches that share no storage (the Ray executor sends it as an object).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -27,7 +30,7 @@ from capsbench.core.env import environment
 from capsbench.core.lock import file_lock
 from capsbench.data import cache_dir, load_mnist
 from capsbench.models import BenchModel, build_model, model_options, weight_options
-from capsbench.train import checkpoint
+from capsbench.train import checkpoint, distributed
 from capsbench.train.config import TrainConfig
 from capsbench.train.tasks import MnistTask, Task
 from capsbench.train.trainer import Trainer
@@ -114,24 +117,30 @@ def model_folder(name: str, key: str, root: str | Path | None = None) -> Path:
     return cache_dir(root) / "models" / f"{name}-{key}"
 
 
+def locate(name: str, spec: TrainConfig | Recipe, device: torch.device, options: dict[str, Any] | None = None,
+           root: str | Path | None = None) -> tuple[dict[str, Any], str, Path]:
+    """(full model options, cache key, cache folder) of a model trained under ``spec``."""
+    recipe = as_recipe(spec)
+    options = model_options(name, **{"input_size": recipe.input_size, **(options or {})})
+    key = cache_key(name, options, recipe, device)
+    return options, key, model_folder(recipe.prefix + name, key, root)
+
+
 def get_trained(
     name: str, spec: TrainConfig | Recipe, device: torch.device, options: dict[str, Any] | None = None,
     root: str | Path | None = None, progress: bool = True, data: Any = None,
 ) -> TrainedModel:
     """Return the trained model from the cache, training it (or resuming training) first if needed;
-    ``spec``: a TrainConfig (MNIST classification) or another kind's Recipe."""
+    ``spec``: a TrainConfig (MNIST classification) or another kind's Recipe. Under torchrun every
+    rank trains (rank 0 decides whether the cache holds the model, holds the lock and writes)."""
     recipe = as_recipe(spec)
-    options = model_options(name, **{"input_size": recipe.input_size, **(options or {})})
-    key = cache_key(name, options, recipe, device)
-    folder = model_folder(recipe.prefix + name, key, root)
+    options, key, folder = locate(name, recipe, device, options, root)
+    world = distributed.current()
     folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder / "lock"):
+    with file_lock(folder / "lock") if world.main else contextlib.nullcontext():
         final = folder / "model.pt"
-        if final.exists():
-            model = build_model(name, **options)
-            state = checkpoint.load(final, map_location=device)
-            model.load_state_dict(state["model"])
-            return TrainedModel(name, model.to(device).eval(), state["meta"], cached=True)
+        if distributed.agree(world, final.exists()):
+            return load_entry(name, options, final, device)
         torch.manual_seed(recipe.seed)  # initial weights are a function of the seed
         model = build_model(name, **options)
         data = data if data is not None else load_mnist(root)
@@ -145,7 +154,35 @@ def get_trained(
             "env": environment(device),
         }  # fmt: skip
         meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only
-        checkpoint.save(final, {"model": model.state_dict(), "meta": meta})
-        atomic.write_text(folder / "meta.json", json.dumps(meta, indent=2))
-        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        if world.main:
+            checkpoint.save(final, {"model": model.state_dict(), "meta": meta})
+            atomic.write_text(folder / "meta.json", json.dumps(meta, indent=2))
+            (folder / "checkpoint.pt").unlink(missing_ok=True)
         return TrainedModel(name, model.eval(), meta, cached=False)
+
+
+def load_entry(name: str, options: dict[str, Any], final: Path, device: torch.device) -> TrainedModel:
+    """The cached model in ``final`` (model.pt), on ``device``."""
+    model = build_model(name, **options)
+    state = checkpoint.load(final, map_location=device)
+    model.load_state_dict(state["model"])
+    return TrainedModel(name, model.to(device).eval(), state["meta"], cached=True)
+
+
+ENTRY_FILES = ("meta.json", "model.pt")  # model.pt last: its presence makes an entry visible
+
+
+def entry_files(folder: Path) -> dict[str, bytes]:
+    """A finished cache entry's files, to send to a cache on other storage."""
+    return {f: (folder / f).read_bytes() for f in ENTRY_FILES}
+
+
+def install_entry(folder: Path, files: dict[str, bytes]) -> bool:
+    """Write an entry sent by ``entry_files`` unless the folder holds one; True if written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / "lock"):
+        if (folder / "model.pt").exists():
+            return False
+        for f in ENTRY_FILES:
+            atomic.write_bytes(folder / f, files[f])
+        return True

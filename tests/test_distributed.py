@@ -1,0 +1,82 @@
+"""One model across processes (train/distributed.py): each rank's share of a global batch, and
+real torchrun runs on the CPU (gloo, 2 processes) that reach one process's weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from capsbench.core.errors import CapsbenchError
+from capsbench.models import build_model
+from capsbench.train import distributed
+from capsbench.train.distributed import World
+
+
+def test_each_rank_takes_its_contiguous_share_of_the_global_batch():
+    x, y = torch.arange(8).view(8, 1), torch.arange(8)
+    shares = [distributed.shard(World(rank, 2), (x, y)) for rank in range(2)]
+    assert [s[1].tolist() for s in shares] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert torch.equal(torch.cat([s[0] for s in shares]), x)  # together, exactly the global batch
+    assert distributed.shard(World(), (x, y))[0] is x  # one process: untouched
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_refused():
+    distributed.check_batch(World(0, 4), 128)
+    with pytest.raises(CapsbenchError, match="train.batch_size = 33 is not divisible by the world size 2"):
+        distributed.check_batch(World(0, 2), 33)
+
+
+def train(cache, *extra: str, ranks: int = 0) -> subprocess.CompletedProcess:
+    """`capsbench train capsnet` on the smoke preset for 6 steps, under torchrun with ``ranks``
+    processes (0: plain python), one CPU thread per process."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else []
+    cmd = [sys.executable, *launcher, "-m", "capsbench", "train", "capsnet", "--preset", "smoke", "--device", "cpu",
+           "--set", "train.steps=6", "--set", "train.log_every=3", "--data-dir", str(cache), "--no-progress",
+           *extra]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def entry(cache) -> dict:
+    (model_pt,) = (cache / "models").glob("capsnet-*/model.pt")
+    assert sorted(p.name for p in model_pt.parent.iterdir()) == ["lock", "meta.json", "model.pt"]  # no checkpoint left
+    return torch.load(model_pt, weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_reach_one_process_s_weights(shared_cache, tmp_path):
+    import shutil
+
+    caches = [tmp_path / "ddp", tmp_path / "single"]
+    for c in caches:
+        c.mkdir()
+        shutil.copy(shared_cache / "mnist.pt", c / "mnist.pt")
+    ddp, single = train(caches[0], ranks=2), train(caches[1])
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert "x 2 ranks (torchrun, DDP: 16 per rank)" in ddp.stdout
+    assert ddp.stdout.count("test accuracy") == 1  # rank 0 alone speaks
+    a, b = entry(caches[0]), entry(caches[1])
+    assert (a["meta"]["world_size"], b["meta"]["world_size"]) == (2, 1) and a["meta"]["key"] == b["meta"]["key"]
+    torch.manual_seed(0)
+    init = build_model("capsnet").state_dict()
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    moved = max((b["model"][k] - init[k]).abs().max().item() for k in init)
+    assert diff < 1e-5 < moved / 100  # the same weights within float tolerance, after real steps
+    losses = [[h["train_loss"] for h in m["meta"]["history"] if "train_loss" in h] for m in (a, b)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the logged loss is the global batch's
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_batch_the_ranks_cannot_share_fails_in_one_line(shared_cache, tmp_path):
+    cache = tmp_path / "cache"
+    p = train(cache, "--set", "train.batch_size=33", ranks=2)
+    assert p.returncode != 0
+    ours = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: train.batch_size = 33 is not divisible by the world size 2; choose --nproc-per-node "
+                    "dividing 33, or --set train.batch_size=<a multiple of 2>"]  # fmt: skip
+    assert not cache.exists()  # nothing written
