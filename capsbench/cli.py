@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
@@ -61,14 +62,25 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from capsbench.data.mnist import SHAPES
     from capsbench.models import MODELS
+    from capsbench.train import distributed
+
+    MODELS.get(args.model)  # unknown model: clear error before anything else
+    world, device = distributed.init(resolve_device(args.device))  # torchrun: join the ranks, take this one's GPU
+    try:
+        return train_model(args, world, device)
+    finally:
+        distributed.leave(world)
+
+
+def train_model(args: argparse.Namespace, world: Any, device: Any) -> int:
+    """`train` in this process, or as one of torchrun's ranks (rank 0 prints and writes)."""
+    from capsbench.data.mnist import SHAPES
+    from capsbench.train import distributed
     from capsbench.train.cache import get_trained, model_folder
     from capsbench.train.config import default_preset, train_config
     from capsbench.train.convergence import training_record
 
-    MODELS.get(args.model)  # unknown model: clear error before anything else
-    device = resolve_device(args.device)
     sets = parse_sets(args.set)
     unknown = sorted(set(sets) - {"train", "model"})
     if unknown or any(not isinstance(v, dict) for v in sets.values()):
@@ -80,12 +92,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["compile"] = True
     preset = args.preset or default_preset(device)
     cfg = train_config(preset, **overrides)
+    distributed.check_batch(world, cfg.batch_size)
     options = sets.get("model", {})
-    print(f"train {args.model}: preset {preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
-          f"augment {cfg.augment}, seed {cfg.seed}, device {describe(device)}")  # fmt: skip
+    ranks = f" x {world.size} ranks (torchrun, DDP: {cfg.batch_size // world.size} per rank)" if world.active else ""
+    say = print if world.main else (lambda *a, **k: None)
+    say(f"train {args.model}: preset {preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
+        f"augment {cfg.augment}, seed {cfg.seed}, device {describe(device)}{ranks}")  # fmt: skip
     t0 = time.perf_counter()
     tm = get_trained(args.model, cfg, device, options, root=args.data_dir, progress=not args.no_progress)
     wall = time.perf_counter() - t0
+    if not world.main:
+        return 0
     m = tm.meta
     how = "from the cache" if tm.cached else f"trained in {m['train_seconds']:.1f}s ({m['train_images_per_s']:.0f} img/s)"
     print(f"{args.model}: test accuracy {m['test_accuracy']:.4f} (n={m['test_n']}), {how}; wall {wall:.1f}s")
@@ -124,9 +141,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     req = RunRequest(
         suite=args.suite, preset=args.preset, seeds=parse_seeds(args.seed, args.seeds), claims=names(args.claims),
         models=names(args.models), sets=tuple(args.set), out=args.out, device=args.device,
-        progress=not args.no_progress, data_dir=args.data_dir,
+        progress=not args.no_progress, data_dir=args.data_dir, executor=args.executor, ray_address=args.ray_address,
+        ray_task_cpus=args.ray_task_cpus, track=args.track, track_uri=args.track_uri,
     )  # fmt: skip
-    print(run(req))
+    folder = run(req)
+    if folder is not None:  # None: a torchrun rank other than 0
+        print(folder)
     return 0
 
 
@@ -278,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated models to run instead of the suite's")
     p.add_argument("--out", metavar="DIR", help="write results here instead of results/<suite>/<time>-<id>/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any suite key")
+    g = p.add_argument_group("more than one machine (README: More than one machine)")
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: every job in this process (default; under torchrun, training in DDP); ray: every "
+                   "training job and every (seed, part) evaluation as a Ray task (pip install -e '.[ray]')")  # fmt: skip
+    g.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="the Ray cluster to use (default: start a local instance with this machine's cores and GPUs)")
+    g.add_argument("--ray-task-cpus", type=int, metavar="N",
+                   help="CPUs per task on a CPU-only cluster (default: this process's torch threads, so that "
+                   "results match a local run)")  # fmt: skip
+    g.add_argument("--track", choices=["mlflow"],
+                   help="log the finished run to MLflow: config, headline metrics, tables, plots, report "
+                   "(pip install -e '.[mlflow]')")  # fmt: skip
+    g.add_argument("--track-uri", metavar="URI", help="the MLflow tracking store (default: a local ./mlruns folder)")
     _device_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -303,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except CapsbenchError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once for all ranks
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished files are kept; rerun the same command to resume", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""`run SUITE`: resolve the suite, train or reuse the models, run the parts for every seed, and
+"""`run SUITE`: resolve the suite, train or reuse the models (every training job first, through
+the executor: this process, torchrun ranks or a Ray cluster), run the parts for every seed, and
 write a new run folder (config.toml, env.json, tables/, plots/, claims.csv, summary.md, report)."""
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,18 +17,17 @@ import torch
 
 from capsbench.core import atomic
 from capsbench.core.config import to_toml
-from capsbench.core.device import amp_dtype, describe
 from capsbench.core.errors import CapsbenchError
-from capsbench.parts.base import PARTS, PartResult, RunContext
-from capsbench.report.folder import new_run_folder, write_figure, write_table
+from capsbench.report.folder import check_out, new_run_folder, write_figure, write_png, write_table
+from capsbench.run.evaluate import SeedRun
 from capsbench.suite import Resolved, RunRequest, find_suite, read_suite, resolve
 
 
-def print_plan(r: Resolved, seeds: list[int]) -> None:
+def print_plan(r: Resolved, seeds: list[int], where: str) -> None:
     t = r.train
     quick = "" if r.preset == "full" else "  (not comparable to the paper's protocol)"
     print(f"suite {r.name}: {r.description}")
-    print(f"  preset {r.preset}{quick}; device {describe(r.device)}; seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}")
+    print(f"  preset {r.preset}{quick}; {where}; seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}")
     print(f"  training: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
           f"{f' (canvas {t.canvas}x{t.canvas})' if t.augment == 'canvas' else f' (+-{t.max_shift} px)' if t.augment == 'shift' else ''},"
           f" input {t.input_size}x{t.input_size}")  # fmt: skip
@@ -37,50 +36,76 @@ def print_plan(r: Resolved, seeds: list[int]) -> None:
         print(f"  left out: claim {cid}: {why}")
 
 
-@dataclass
-class SeedRun:
-    """What one seed produced: its models, clean accuracies and part results."""
+class FolderFigures:
+    """Where a run's figures go: plots/<name>.png in the run folder, listed in ``files``."""
 
-    seed: int
-    models: dict[str, Any]
-    clean: Any  # DataFrame or None
-    results: dict[str, PartResult]
-    record: Any = None  # DataFrame of how well each trained model was trained (tables/models.csv), or None
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.files = folder, []
+
+    def __call__(self, name: str, fig: Any) -> None:
+        self.files.append(write_figure(self.folder, name, fig))
+
+    def png(self, name: str, data: bytes) -> None:
+        self.files.append(write_png(self.folder, name, data))
 
 
-def run(req: RunRequest) -> Path:
-    """Resolve the suite, train or fetch the models, run the parts per seed and write the run
-    folder; returns the folder."""
+def open_executor(req: RunRequest) -> Any:
+    """The executor ``req`` names; Ray is imported and joined here, before any work or file."""
+    if req.executor == "local":
+        if req.ray_address or req.ray_task_cpus:
+            raise CapsbenchError("--ray-address and --ray-task-cpus need --executor ray")
+        from capsbench.run.local import LocalExecutor
+
+        return LocalExecutor()
+    if req.executor == "ray":
+        from capsbench.run.ray_cluster import RayExecutor
+
+        return RayExecutor(req.ray_address, req.ray_task_cpus)
+    raise CapsbenchError(f"unknown executor {req.executor!r}; use local or ray")
+
+
+def run(req: RunRequest) -> Path | None:
+    """Resolve the suite, train the models (or find them in the cache), run the parts per seed and
+    write the run folder; returns the folder (None on torchrun ranks other than 0)."""
     from capsbench.parts import load_parts
+    from capsbench.run.track import open_tracker
 
     load_parts()
+    check_out(req.out)  # not after an hour of training
+    tracker = open_tracker(req.track, req.track_uri)
     path = find_suite(req.suite)
-    r = resolve(read_suite(path), path.stem, req)
+    raw = read_suite(path)
+    executor = open_executor(req)
+    try:
+        return run_with(executor, tracker, raw, path.stem, req)
+    finally:
+        executor.close()
+
+
+def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: RunRequest) -> Path | None:
+    from capsbench.data import load_mnist
+    from capsbench.run.jobs import fresh_keys, jobs_table, training_jobs
+
+    r = resolve(raw, name, req, device=executor.device(req.device))
+    executor.check(r)
     seeds = list(req.seeds) or [r.train.seed]
     claims = claim_selection(r, req.claims)
-    print_plan(r, seeds)
-    folder = new_run_folder(r.name, req.out)
+    if executor.main:
+        print_plan(r, seeds, executor.describe(r.device))
     started = time.perf_counter()
+    env = {**run_environment(r), **executor.environment()}
+    data = load_mnist(req.data_dir)
+    jobs = training_jobs(r, req, seeds, data)
+    outcomes = executor.train(jobs, r, req, data)
+    if not executor.main:
+        return None  # torchrun: rank 0 evaluates and writes
+    folder = new_run_folder(r.name, req.out)
     atomic.write_text(folder / "config.toml", to_toml({**r.as_dict(), "seeds": seeds, **({"claims": [c.id for c in claims]} if claims else {})}))
-    env = run_environment(r)
     atomic.write_text(folder / "env.json", json.dumps(env, indent=2, default=str))
-    runs, tables, files = [], {}, []
-    for i, seed in enumerate(seeds):
-        if len(seeds) > 1:
-            print(f"seed {seed} ({i + 1} of {len(seeds)})", file=sys.stderr)
-        rs = dataclasses.replace(r, train=dataclasses.replace(r.train, seed=seed))
-        # Parts whose numbers do not depend on the seed (throughput) run once, with the first seed.
-        parts = {p: c for p, c in r.parts.items() if i == 0 or PARTS.get(p).per_seed}
-        run = run_seed(rs, req, parts, folder, files, suffix=f"_seed{seed}" if len(seeds) > 1 else "")
-        runs.append(run)
-        for name, df in (("models", run.record), ("clean", run.clean)):
-            if df is not None:
-                tables.setdefault(name, []).append(df)
-        for res in run.results.values():
-            for name, df in res.tables.items():
-                tables.setdefault(name, []).append(df if "seed" in df.columns else df.assign(seed=seed))
-    merged = {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()}
-    files[:0] = [write_table(folder, name, df) for name, df in merged.items()]
+    figures = FolderFigures(folder)
+    runs = executor.evaluate(r, req, seeds, data, fresh_keys(outcomes), figures)
+    merged = {**merge_tables(runs), "jobs": jobs_table(jobs, outcomes, runs)}
+    files = [write_table(folder, name, df) for name, df in merged.items()] + figures.files
     claims_df = evaluate_claims(claims, merged, r) if claims is not None else None
     if claims_df is not None:
         atomic.write_with(folder / "claims.csv", lambda tmp: claims_df.to_csv(tmp, index=False))
@@ -90,29 +115,25 @@ def run(req: RunRequest) -> Path:
 
     atomic.write_text(folder / "summary.md", render_summary(r, env, runs, merged, claims_df, files, wall))
     write_report([folder], folder)
-    for check in (c for run in runs for res in run.results.values() for c in res.checks if not c.passed):
-        print(f"warning: sanity check failed (seed {run.seed}): {check.name}: {check.detail}", file=sys.stderr)
+    for seed, check in ((sr.seed, c) for sr in runs for res in sr.results.values() for c in res.checks if not c.passed):
+        print(f"warning: sanity check failed (seed {seed}): {check.name}: {check.detail}", file=sys.stderr)
     print(f"done in {wall:.0f}s; summary: {folder / 'summary.md'}; report: {folder / 'report.html'}")
+    if tracker is not None:
+        print(tracker.log(folder, r.name))
     return folder
 
 
-def run_seed(r: Resolved, req: RunRequest, parts: dict[str, Any], folder: Path, files: list[str],
-             suffix: str) -> SeedRun:  # fmt: skip
-    """Train (or fetch) the models for r's seed, run ``parts``, and write their figures."""
-    trained = any(PARTS.get(p).needs_training for p in parts)
-    models, ctx = prepare(r, req, trained)
-    clean = clean_table(ctx) if trained else None
-    record = training_table(r, ctx) if trained else None
-    results: dict[str, PartResult] = {}
-    for part, cfg in parts.items():
-        t0 = time.perf_counter()
-        res = PARTS.get(part).run(ctx, cfg)
-        for name, fig in res.figures.items():
-            files.append(write_figure(folder, name + suffix, fig))
-        res.figures = {}  # written; free the memory
-        results[part] = res
-        print(f"  {part}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return SeedRun(r.train.seed, models, clean, results, record)
+def merge_tables(runs: list[SeedRun]) -> dict[str, pd.DataFrame]:
+    """Every seed's tables (models, clean and each part's), concatenated over the seeds."""
+    tables: dict[str, list[pd.DataFrame]] = {}
+    for run in runs:
+        for name, df in (("models", run.record), ("clean", run.clean)):
+            if df is not None:
+                tables.setdefault(name, []).append(df)
+        for res in run.results.values():
+            for name, df in res.tables.items():
+                tables.setdefault(name, []).append(df if "seed" in df.columns else df.assign(seed=run.seed))
+    return {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()}
 
 
 def claim_selection(r: Resolved, ids: tuple[str, ...]) -> list | None:
@@ -157,65 +178,12 @@ def evaluate_claims(claims: list, tables: dict[str, Any], r: Resolved):
 
 
 def run_environment(r: Resolved) -> dict[str, Any]:
+    """env.json: versions, the driver's device (the run's where this process has it), git commit."""
     from capsbench.core.env import environment
 
-    env = environment(r.device)
+    here = r.device.type == "cpu" or torch.cuda.is_available()
+    env = environment(r.device if here else torch.device("cpu"))
     env.update({"suite": r.name, "preset": r.preset, "seed": r.train.seed, "started_utc": datetime.now(timezone.utc).isoformat()})
     return env
 
 
-def untrained(r: Resolved) -> dict[str, Any]:
-    """Freshly initialised models (seeded) for parts whose numbers do not depend on the weights."""
-    from capsbench.models import build_model
-    from capsbench.train.cache import TrainedModel
-
-    models = {}
-    for name, options in r.models.items():
-        torch.manual_seed(r.train.seed)
-        model = build_model(name, **options).to(r.device).eval()
-        meta = {"model": name, "options": options, "params": model.num_params(), "trained": False}
-        models[name] = TrainedModel(name, model, meta, cached=False)
-    return models
-
-
-def prepare(r: Resolved, req: RunRequest, trained: bool = True):
-    """Load MNIST, train or fetch every model from the cache (if the parts need trained
-    weights), and build the RunContext."""
-    from capsbench.data import load_mnist
-    from capsbench.train.cache import get_trained
-
-    data = load_mnist(req.data_dir)
-    models = {} if trained else untrained(r)
-    for name, options in (r.models.items() if trained else []):
-        t0 = time.perf_counter()
-        tm = get_trained(name, r.train, r.device, options, root=req.data_dir, progress=req.progress, data=data)
-        how = "cached" if tm.cached else f"trained in {time.perf_counter() - t0:.0f}s"
-        print(f"  {name}: {how}, test accuracy {tm.test_accuracy:.4f} (n={tm.meta['test_n']})", file=sys.stderr)
-        models[name] = tm
-    n = r.test_n or len(data.test_x)
-    ctx = RunContext(
-        models=models, test_x=data.test_x[:n].to(r.device), test_y=data.test_y[:n].to(r.device),
-        train_cfg=r.train, device=r.device, dtype=amp_dtype(r.device, r.train.amp), seed=r.train.seed,
-        progress=req.progress, data=data, cache_root=req.data_dir,
-    )  # fmt: skip
-    return models, ctx
-
-
-def training_table(r: Resolved, ctx: RunContext) -> pd.DataFrame:
-    """How well each model was trained (images seen, epochs, final accuracy, convergence, floor)."""
-    from capsbench.train.convergence import RECORD_COLUMNS, training_record
-
-    n = len(ctx.data.train_x)
-    rows = [training_record(name, tm.meta, r.train, n, ctx.seed, tm.cached) for name, tm in ctx.models.items()]
-    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
-
-
-def clean_table(ctx: RunContext):
-    """Clean test accuracy of every model on the run's test images."""
-    from capsbench.train.tasks import evaluate
-
-    rows = []
-    for name, tm in ctx.models.items():
-        acc, n = evaluate(tm.model, ctx.test_x, ctx.test_y, ctx.test_inputs, dtype=ctx.dtype)
-        rows.append({"model": name, "accuracy": acc, "n": n, "seed": ctx.seed, "params": tm.meta["params"]})
-    return pd.DataFrame(rows)

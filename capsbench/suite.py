@@ -31,6 +31,11 @@ class RunRequest:
     device: str = "auto"
     progress: bool = True
     data_dir: str | None = None  # the cache folder (None: $CAPSBENCH_DATA_DIR or ~/.cache/capsbench)
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None  # None: a local Ray instance; auto; HOST:PORT; ray://HOST:PORT
+    ray_task_cpus: int | None = None  # CPUs per Ray task on a CPU cluster (None: this process's torch threads)
+    track: str | None = None  # None | mlflow
+    track_uri: str | None = None  # the tracking store (None: ./mlruns)
 
 
 TOP_KEYS = {"description", "models", "parts", "seed", "test_n", "train", "model", "preset", "skip_claims"}
@@ -101,11 +106,12 @@ def _check_list(value: Any, key: str) -> list[str]:
     return value
 
 
-def resolve(raw: dict[str, Any], name: str, req: RunRequest) -> Resolved:
-    """Layers: suite file, its [preset.<name>] table, then the request's sets / models / seed."""
+def resolve(raw: dict[str, Any], name: str, req: RunRequest, device: torch.device | None = None) -> Resolved:
+    """Layers: suite file, its [preset.<name>] table, then the request's sets / models / seed.
+    ``device``: the executor's (a Ray cluster's GPUs), instead of resolving req.device here."""
     from capsbench.models import MODELS, model_options
 
-    device = resolve_device(req.device)
+    device = device or resolve_device(req.device)
     preset = req.preset or default_preset(device)
     presets = raw.get("preset", {})
     if not isinstance(presets, dict):

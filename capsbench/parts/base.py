@@ -37,6 +37,7 @@ class PartResult:
     figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib Figure, saved as plots/<name>.png
     summary: str = ""  # a Markdown section for summary.md (tables, notes)
     checks: list[Check] = field(default_factory=list)
+    seconds: float = 0.0  # the part's wall time (the runner's jobs table)
 
 
 @dataclass
@@ -53,6 +54,16 @@ class RunContext:
     progress: bool = True
     data: Any = None  # the MNIST object (train_x/train_y/test_x/test_y), for parts that train their own models
     cache_root: str | None = None  # the cache folder (None: $CAPSBENCH_DATA_DIR or ~/.cache/capsbench)
+    fresh: frozenset[str] = frozenset()  # cache keys this run trained (before its parts ran): not "from cache"
+
+    def get_trained(self, name: str, spec: Any, options: dict[str, Any]) -> Any:
+        """The part's own trained model (train.cache.get_trained on the run's device and cache);
+        ``cached`` is False when this run trained it, before the parts ran or here."""
+        from capsbench.train.cache import get_trained
+
+        tm = get_trained(name, spec, self.device, options, root=self.cache_root, progress=self.progress, data=self.data)
+        tm.cached = tm.cached and tm.meta["key"] not in self.fresh
+        return tm
 
     @property
     def input_size(self) -> int:
@@ -66,6 +77,9 @@ class RunContext:
 
 
 PartFn = Callable[[RunContext, Any], PartResult]
+# The models a part trains itself, as (model name, TrainConfig or Recipe, model options), so that an
+# executor can train them (in parallel, on a cluster) before the part runs; the context has no models.
+JobsFn = Callable[[RunContext, Any], list[tuple[str, Any, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -82,22 +96,25 @@ class Part:
     # Checks of the config against the run's models (built on the meta device: no weights), run
     # while the suite resolves, before any work: raise CapsbenchError with one clear line.
     precheck: Callable[[Any, dict[str, Any]], None] | None = None
+    jobs: JobsFn | None = None  # the part's own training jobs (parts with needs_training=False)
 
 
 PARTS: Registry[Part] = Registry("suite part")
 # The runner's own tables, for every run that trains models (beside each part's, registered by @part)
 TABLES.register("models")(RECORD_COLUMNS)  # how well each model was trained (train/convergence.py)
 TABLES.register("clean")(("model", "accuracy", "n", "seed", "params"))  # clean accuracy on the run's test images
+JOB_COLUMNS = ("phase", "task", "seed", "seconds", "from_cache")  # every training job and part, timed
+TABLES.register("jobs")(JOB_COLUMNS)
 
 
 def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_training: bool = True,
          per_seed: bool = True, precheck: Callable[[Any, dict[str, Any]], None] | None = None,
-         ) -> Callable[[PartFn], PartFn]:  # fmt: skip
+         jobs: JobsFn | None = None) -> Callable[[PartFn], PartFn]:  # fmt: skip
     """Register the decorated run function as part ``name``."""
 
     def deco(fn: PartFn) -> PartFn:
         tabs = {k: tuple(v) for k, v in tables.items()}
-        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck))
+        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck, jobs))
         for table, columns in tabs.items():
             TABLES.register(table, part=name)(columns)
         return fn

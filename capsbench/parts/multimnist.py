@@ -34,7 +34,7 @@ from capsbench.parts.base import Check, PartResult, RunContext, part
 from capsbench.report.format import checks_footer, markdown_table
 from capsbench.report.plots import example_grid
 from capsbench.report.stats import wilson_interval
-from capsbench.train.cache import TrainedModel, get_trained
+from capsbench.train.cache import TrainedModel
 from capsbench.train.config import TrainConfig
 from capsbench.train.schedules import Schedule
 from capsbench.train.step import StepOptions
@@ -218,6 +218,17 @@ def sanity_checks(labels: Tensor, shift: Tensor, max_shift: int) -> list[Check]:
     ]  # fmt: skip
 
 
+def multimnist_jobs(ctx: RunContext, cfg: MultiMNISTConfig) -> list[tuple[str, MultiMnistRecipe, dict[str, Any]]]:
+    """The run's models that can take the canvas, as training jobs (for an executor to train first)."""
+    jobs = []
+    for name, tm in ctx.models.items():
+        try:
+            jobs.append((name, MultiMnistRecipe.of(cfg, ctx), canvas_options(name, tm.meta, cfg.input_size)))
+        except (CapsbenchError, ValueError):
+            pass  # trained_models says why it is skipped
+    return jobs
+
+
 def trained_models(ctx: RunContext, cfg: MultiMNISTConfig) -> tuple[dict[str, TrainedModel], list[str]]:
     """Each run model trained on MultiMNIST, and notes for those that cannot take the canvas."""
     models, skipped = {}, []
@@ -227,8 +238,7 @@ def trained_models(ctx: RunContext, cfg: MultiMNISTConfig) -> tuple[dict[str, Tr
         except (CapsbenchError, ValueError) as e:
             skipped.append(f"{name} skipped: it cannot take {cfg.input_size}x{cfg.input_size} input ({e})")
             continue
-        models[name] = get_trained(name, MultiMnistRecipe.of(cfg, ctx), ctx.device, options, root=ctx.cache_root,
-                                   progress=ctx.progress, data=ctx.data)  # fmt: skip
+        models[name] = ctx.get_trained(name, MultiMnistRecipe.of(cfg, ctx), options)
     return models, skipped
 
 
@@ -237,7 +247,7 @@ COLUMNS = ["model", "seed", "n", "error", "correct_both", "ci_low", "ci_high", "
 MULTIMNIST_TABLES = {"multimnist": COLUMNS}
 
 
-@part("multimnist", MultiMNISTConfig, MULTIMNIST_TABLES, needs_training=False)
+@part("multimnist", MultiMNISTConfig, MULTIMNIST_TABLES, needs_training=False, jobs=multimnist_jobs)
 def run_multimnist(ctx: RunContext, cfg: MultiMNISTConfig) -> PartResult:
     if ctx.data is None:
         raise CapsbenchError("the multimnist part needs the MNIST training set, but the run context has none "

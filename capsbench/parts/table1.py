@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +20,7 @@ from capsbench.core.config import opt
 from capsbench.core.errors import CapsbenchError
 from capsbench.parts.base import PartResult, RunContext, part
 from capsbench.report.format import format_accuracy, markdown_table
+from capsbench.train.config import TrainConfig
 
 # A model below CHANCE_FACTOR x chance accuracy did not train (e.g. its loss stuck at ln C): its
 # error says nothing about the claim, which is then inconclusive rather than "not reproduced".
@@ -63,23 +63,31 @@ def param_rows(claims: list, seed: int) -> list[dict]:
     return rows
 
 
+def claim_training(ctx: RunContext, cfg: Table1Config, claim) -> TrainConfig:
+    """The training config of a claim's model: the run's, with the part's protocol and the claim's keys."""
+    try:
+        return dataclasses.replace(ctx.train_cfg, augment=cfg.augment, max_shift=cfg.max_shift, **claim.train)
+    except TypeError:
+        raise CapsbenchError(f"claim {claim.id}: train = {claim.train} names a key that is not a training key "
+                             "(capsbench/report/claims.toml)") from None
+
+
+def table1_jobs(ctx: RunContext, cfg: Table1Config) -> list[tuple[str, TrainConfig, dict]]:
+    """The models the error claims train, for an executor to train before the part runs."""
+    return [(c.model, claim_training(ctx, cfg, c), {**c.options, "input_size": 28})
+            for c in variants(cfg) if c.value == "error"]  # fmt: skip
+
+
 def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
     """Train (or fetch from the cache) the claim's model and measure its test error."""
-    from capsbench.train.cache import get_trained
     from capsbench.train.convergence import training_record
     from capsbench.train.tasks import evaluate, test_inputs
 
     if ctx.data is None:
         raise CapsbenchError("the table1 part needs the MNIST training set; run it through `python -m capsbench run`")
-    try:
-        train = dataclasses.replace(ctx.train_cfg, augment=cfg.augment, max_shift=cfg.max_shift, **claim.train)
-    except TypeError:
-        raise CapsbenchError(f"claim {claim.id}: train = {claim.train} names a key that is not a training key "
-                             "(capsbench/report/claims.toml)") from None
-    t0 = time.perf_counter()
-    tm = get_trained(claim.model, train, ctx.device, {**claim.options, "input_size": 28}, root=ctx.cache_root,
-                     progress=ctx.progress, data=ctx.data)  # fmt: skip
-    how = "cached" if tm.cached else f"trained in {time.perf_counter() - t0:.0f}s"
+    train = claim_training(ctx, cfg, claim)
+    tm = ctx.get_trained(claim.model, train, {**claim.options, "input_size": 28})
+    how = "cached" if tm.cached else f"trained in {tm.meta['train_seconds']:.0f}s"
     n = cfg.test_n or len(ctx.data.test_x)
     x, y = ctx.data.test_x[:n].to(ctx.device), ctx.data.test_y[:n].to(ctx.device)
     acc, n = evaluate(tm.model, x, y, lambda xb: test_inputs(train, xb), cfg.batch_size, ctx.dtype)
@@ -100,7 +108,7 @@ TABLE1_TABLES = {
 }
 
 
-@part("table1", Table1Config, TABLE1_TABLES, needs_training=False)
+@part("table1", Table1Config, TABLE1_TABLES, needs_training=False, jobs=table1_jobs)
 def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
     claims = variants(cfg)
     params = pd.DataFrame(param_rows(claims, ctx.seed), columns=TABLE1_TABLES["params"])

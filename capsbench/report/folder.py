@@ -4,6 +4,7 @@ which reads a folder back (config.toml, env.json, tables, plots, claims.csv)."""
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import tomllib
@@ -18,12 +19,17 @@ from capsbench.core import atomic
 from capsbench.core.errors import CapsbenchError
 
 
+def check_out(out: str | None) -> None:
+    """Refuse an existing non-empty --out (results are never overwritten), before any work."""
+    if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise CapsbenchError(f"--out {out} already holds files; results are never overwritten, choose a new folder")
+
+
 def new_run_folder(suite: str, out: str | None) -> Path:
     """A fresh folder; an existing non-empty --out is refused (results are never overwritten)."""
     if out:
+        check_out(out)
         folder = Path(out)
-        if folder.exists() and any(folder.iterdir()):
-            raise CapsbenchError(f"--out {folder} already holds files; results are never overwritten, choose a new folder")
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -44,10 +50,21 @@ def write_table(folder: Path, name: str, df) -> str:
     return rel
 
 
-def write_figure(folder: Path, name: str, fig) -> str:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as the PNG a run folder holds."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_png(folder: Path, name: str, data: bytes) -> str:
     rel = f"plots/{name}.png"
-    atomic.write_with(folder / rel, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    atomic.write_bytes(folder / rel, data)
     return rel
+
+
+def write_figure(folder: Path, name: str, fig) -> str:
+    return write_png(folder, name, figure_png(fig))
 
 
 @dataclass

@@ -15,9 +15,9 @@ def models_table(run: Any) -> pd.DataFrame:
     """One row per model of a seed: how well it was trained (tables/models.csv), or that the
     run's parts used untrained weights."""
     if run.record is None:
-        return pd.DataFrame([{"model": name, "seed": run.seed, "params": f"{tm.meta['params']:,}",
+        return pd.DataFrame([{"model": name, "seed": run.seed, "params": f"{meta['params']:,}",
                               "weights": "untrained (these parts do not depend on them)"}
-                             for name, tm in run.models.items()])  # fmt: skip
+                             for name, meta in run.metas.items()])  # fmt: skip
     rows = []
     for r in run.record.itertuples():
         floor = "" if r.floor <= 0 else (f" (floor {100 * r.floor:g}%)" if r.meets_floor

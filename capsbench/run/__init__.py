@@ -1,0 +1,1 @@
+"""Running a suite beyond one process: executors (local, Ray), tracking (MLflow)."""

@@ -1,0 +1,68 @@
+"""The local executor (`--executor local`, the default): the training jobs, then every seed's
+parts, one after another in this process. Under torchrun every rank trains each job in DDP and
+rank 0 alone evaluates and writes the run folder."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from capsbench.core.device import describe, resolve_device
+from capsbench.run.evaluate import FigureSink, SeedRun, for_seed, run_seed, seed_parts
+from capsbench.run.jobs import JobOutcome, TrainJob, train_here
+from capsbench.suite import Resolved, RunRequest
+from capsbench.train import distributed
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self) -> None:
+        self.world = distributed.World()
+        self.ranks = 1  # torchrun's world size (the process group is left once training ends)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process evaluates and writes the run folder (torchrun: rank 0 only)."""
+        return self.world.main
+
+    def device(self, name: str) -> torch.device:
+        """The run's device; under torchrun, joins the process group and takes this rank's GPU."""
+        self.world, device = distributed.init(resolve_device(name))
+        self.ranks = self.world.size
+        return device
+
+    def describe(self, device: torch.device) -> str:
+        ranks = f"; {self.ranks} ranks (torchrun, DDP)" if self.ranks > 1 else ""
+        return describe(device) + ranks
+
+    def environment(self) -> dict[str, Any]:
+        return {"executor": "local", "world_size": self.ranks}
+
+    def check(self, r: Resolved) -> None:
+        """Before any work: every rank takes an equal share of each batch."""
+        distributed.check_batch(self.world, r.train.batch_size)
+
+    def train(self, jobs: list[TrainJob], r: Resolved, req: RunRequest, data: Any) -> dict[str, JobOutcome]:
+        """Every job here; under torchrun every rank trains each in DDP, then all leave the group
+        (rank 0 evaluates alone: a part that trains, tta, must not wait for the others)."""
+        outcomes = train_here(jobs, r.device, req, data)
+        distributed.barrier(self.world)
+        distributed.leave(self.world)
+        self.world = distributed.World(self.world.rank, 1, self.world.local_rank)
+        return outcomes
+
+    def evaluate(self, r: Resolved, req: RunRequest, seeds: list[int], data: Any, fresh: frozenset[str],
+                 sink: FigureSink) -> list[SeedRun]:  # fmt: skip
+        runs = []
+        for i, seed in enumerate(seeds):
+            if len(seeds) > 1:
+                print(f"seed {seed} ({i + 1} of {len(seeds)})", file=sys.stderr)
+            suffix = f"_seed{seed}" if len(seeds) > 1 else ""
+            runs.append(run_seed(for_seed(r, seed), req, seed_parts(r, i), data, fresh, sink, suffix))
+        return runs
+
+    def close(self) -> None:
+        distributed.leave(self.world)
