@@ -28,7 +28,7 @@ REDUCED = "reduced protocol: not comparable to the paper"
 # --- headline numbers --------------------------------------------------------------------
 
 
-def _per_seed(df: pd.DataFrame | None, model: str, **where: Any) -> list[tuple[float, int]]:
+def per_seed(df: pd.DataFrame | None, model: str, **where: Any) -> list[tuple[float, int]]:
     """(accuracy, n) of each of ``model``'s rows matching ``where`` (white-box rows of an attack table)."""
     if df is None or df.empty:
         return []
@@ -36,13 +36,18 @@ def _per_seed(df: pd.DataFrame | None, model: str, **where: Any) -> list[tuple[f
     return [(float(r.accuracy), int(r.n)) for r in rows.itertuples()]
 
 
-def _speed(df: pd.DataFrame | None, model: str, mode: str) -> str:
+def best_speed_row(df: pd.DataFrame | None, model: str, mode: str) -> pd.Series | None:
+    """The throughput row of ``model``'s best images/s in ``mode`` (train or inference), or None."""
     if df is None or df.empty:
-        return "–"
+        return None
     rows = df[(df.model == model) & (df["mode"] == mode)]
-    if rows.empty:
+    return None if rows.empty else rows.loc[rows.samples_per_sec.idxmax()]
+
+
+def _speed(df: pd.DataFrame | None, model: str, mode: str) -> str:
+    best = best_speed_row(df, model, mode)
+    if best is None:
         return "–"
-    best = rows.loc[rows.samples_per_sec.idxmax()]
     how = [f"batch {int(best['batch_size'])}", str(best["dtype"])]
     flag = lambda key: pd.notna(best.get(key)) and bool(best.get(key))  # noqa: E731 - a column older runs lack
     if flag("compile"):
@@ -53,12 +58,18 @@ def _speed(df: pd.DataFrame | None, model: str, mode: str) -> str:
     return f"{best['samples_per_sec']:,.0f} ({', '.join(how)}, median of {int(best['repeats'])})"
 
 
-def _params(run: Run, model: str) -> str:
+def param_count(run: Run, model: str) -> int | None:
+    """``model``'s parameter count as a run's tables record it, or None."""
     for name in ("clean", "throughput"):
         df = run.tables.get(name)
         if df is not None and "params" in df.columns and (df.model == model).any():
-            return f"{int(df[df.model == model].params.iloc[0]):,}"
-    return "–"
+            return int(df[df.model == model].params.iloc[0])
+    return None
+
+
+def _params(run: Run, model: str) -> str:
+    n = param_count(run, model)
+    return "–" if n is None else f"{n:,}"
 
 
 def _trained(df: pd.DataFrame | None, model: str) -> str:
@@ -94,10 +105,10 @@ def headline(run: Run) -> pd.DataFrame:
     rows = []
     for m in models:
         row = {"run": run.label + run.mark, "model": m, "params": _params(run, m), "trained": _trained(t.get("models"), m),
-               "clean %": accuracy_cell(_per_seed(t.get("clean"), m)),
-               "composite %": accuracy_cell(_per_seed(t.get("affine"), m, transform="composite"))}  # fmt: skip
+               "clean %": accuracy_cell(per_seed(t.get("clean"), m)),
+               "composite %": accuracy_cell(per_seed(t.get("affine"), m, transform="composite"))}  # fmt: skip
         for label, attack, eps in HEADLINE_ATTACKS:
-            row[f"{label} {eps} %"] = accuracy_cell(_per_seed(adv, m, **attack_where(adv, attack), eps=eps))
+            row[f"{label} {eps} %"] = accuracy_cell(per_seed(adv, m, **attack_where(adv, attack), eps=eps))
         row["train img/s"] = _speed(t.get("throughput"), m, "train")
         row["inference img/s"] = _speed(t.get("throughput"), m, "inference")
         row["device"] = run.env.get("device_name", "?")
