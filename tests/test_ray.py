@@ -1,6 +1,6 @@
 """`run --executor ray` on a real local Ray instance (``ray.init(num_cpus=2)`` on a 2-core machine:
-as many CPUs as this process's torch threads, so a task computes exactly what a local run does):
-the same tables as a local run, a killed worker retried and resumed from its checkpoint, a job
+as many CPUs as this process's torch threads, so a task computes what a local run does): the
+same tables as a local run and its weights up to float summation order, a killed worker retried and resumed from its checkpoint, a job
 that fails for good named in one line, and bad input refused before anything is written."""
 
 from __future__ import annotations
@@ -47,6 +47,20 @@ def fresh_cache(shared_cache, tmp_path):
     return root
 
 
+# Two processes can sum in a different order (thread history, kernel choice), and Adam turns
+# that last-bit noise into up to ~1e-3 in a weight after 60 steps: measured on a 2-core EPYC,
+# CapsNet smoke weights differed by 3.3e-4 at most between 1 and 2 torch threads, by 0.039
+# when the last 30 of 60 steps were missing, and by 0.26 between seeds 0 and 1. On that
+# machine a Ray task and the local run agree bit for bit; CI's machine did not.
+FLOAT_ORDER = 3e-3
+
+
+def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst <= FLOAT_ORDER, f"weights differ by up to {worst:.3g}: not the same training"
+
+
 def weights(path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
@@ -66,9 +80,9 @@ def test_ray_run_gives_the_local_run_s_tables(robustness_smoke, ray_instance, sh
     assert plots[0] == plots[1] and plots[0]
     models = pd.read_csv(remote / "models.csv")
     assert not models.from_cache.any()  # the Ray tasks trained them
-    for key, model in zip(models.key, models.model):  # ... to the same weights, bit for bit
+    for key, model in zip(models.key, models.model):  # ... to the local run's weights
         a, b = (weights(cache / "models" / f"{model}-{key}" / "model.pt") for cache in (shared_cache, fresh_cache))
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_training(a, b)
     env = (out / "env.json").read_text()
     assert '"executor": "ray"' in env and '"ray_task_cpus"' in env
 
@@ -125,8 +139,7 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(robustness_s
     models = pd.read_csv(tmp_path / "out" / "tables" / "models.csv")
     assert models.key.tolist() == [key] and not models.from_cache.any()
     reference = shared_cache / "models" / f"capsnet-{key}" / "model.pt"  # trained uninterrupted by the local run
-    a, b = weights(reference), weights(folder / "model.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_training(weights(reference), weights(folder / "model.pt"))
 
 
 @pytest.mark.slow
