@@ -18,7 +18,7 @@ from typing import Any, Callable
 from capsbench.core.allocator import tune_cpu_allocator
 from capsbench.core.config import parse_sets
 from capsbench.core.device import describe, resolve_device
-from capsbench.core.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError, RankError
 from capsbench.core.registry import Registry
 
 
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: every job in this process (default; under torchrun, training in DDP); ray: every "
                    "training job and every (seed, part) evaluation as a Ray task (pip install -e '.[ray]')")  # fmt: skip
-    g.add_argument("--ray-address", metavar="auto|HOST:PORT",
-                   help="the Ray cluster to use (default: start a local instance with this machine's cores and GPUs)")
+    g.add_argument("--ray-address", metavar="auto|HOST:PORT|ray://HOST:10001",
+                   help="the Ray cluster to use: auto or HOST:PORT from one of its nodes, ray://HOST:10001 (Ray "
+                   "Client) from elsewhere (default: start a new local instance with this machine's cores and GPUs)")
     g.add_argument("--ray-task-cpus", type=int, metavar="N",
                    help="CPUs per task on a CPU-only cluster (default: this process's torch threads, so that "
                    "results match a local run)")  # fmt: skip
@@ -336,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     except CapsbenchError as e:
         if args.debug:
             traceback.print_exc()
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once for all ranks
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":  # under torchrun, rank 0 says it once for all ranks
             print(f"error: {e}", file=sys.stderr)
+        elif isinstance(e, RankError):  # ... but not what only this rank met
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished files are kept; rerun the same command to resume", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch
 from capsbench.core import atomic
 from capsbench.core.config import to_toml
 from capsbench.core.errors import CapsbenchError
-from capsbench.report.folder import check_out, new_run_folder, write_figure, write_png, write_table
+from capsbench.report.folder import check_out, new_run_folder, staged, write_figure, write_png, write_table
 from capsbench.run.evaluate import SeedRun
 from capsbench.suite import Resolved, RunRequest, find_suite, read_suite, resolve
 
@@ -51,8 +51,10 @@ class FolderFigures:
 
 def open_executor(req: RunRequest) -> Any:
     """The executor ``req`` names; Ray is imported and joined here, before any work or file."""
+    if req.ray_task_cpus is not None and req.ray_task_cpus < 1:
+        raise CapsbenchError(f"--ray-task-cpus {req.ray_task_cpus}: give the CPUs per task as a whole number, 1 or more")
     if req.executor == "local":
-        if req.ray_address or req.ray_task_cpus:
+        if req.ray_address or req.ray_task_cpus is not None:
             raise CapsbenchError("--ray-address and --ray-task-cpus need --executor ray")
         from capsbench.run.local import LocalExecutor
 
@@ -84,7 +86,7 @@ def run(req: RunRequest) -> Path | None:
 
 def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: RunRequest) -> Path | None:
     from capsbench.data import load_mnist
-    from capsbench.run.jobs import fresh_keys, jobs_table, training_jobs
+    from capsbench.run.jobs import training_jobs
 
     r = resolve(raw, name, req, device=executor.device(req.device))
     executor.check(r)
@@ -93,34 +95,45 @@ def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: R
     if executor.main:
         print_plan(r, seeds, executor.describe(r.device))
     started = time.perf_counter()
-    env = {**run_environment(r), **executor.environment()}
+    env = {**run_environment(r), **executor.environment(r.device)}
     data = load_mnist(req.data_dir)
     jobs = training_jobs(r, req, seeds, data)
     outcomes = executor.train(jobs, r, req, data)
     if not executor.main:
         return None  # torchrun: rank 0 evaluates and writes
+    reserved = not (req.out and Path(req.out).exists())  # this run creates the folder (else: an empty --out)
     folder = new_run_folder(r.name, req.out)
-    atomic.write_text(folder / "config.toml", to_toml({**r.as_dict(), "seeds": seeds, **({"claims": [c.id for c in claims]} if claims else {})}))
-    atomic.write_text(folder / "env.json", json.dumps(env, indent=2, default=str))
-    figures = FolderFigures(folder)
-    runs = executor.evaluate(r, req, seeds, data, fresh_keys(outcomes), figures)
-    merged = {**merge_tables(runs), "jobs": jobs_table(jobs, outcomes, runs)}
-    files = [write_table(folder, name, df) for name, df in merged.items()] + figures.files
-    claims_df = evaluate_claims(claims, merged, r) if claims is not None else None
-    if claims_df is not None:
-        atomic.write_with(folder / "claims.csv", lambda tmp: claims_df.to_csv(tmp, index=False))
-    wall = time.perf_counter() - started
-    from capsbench.report.document import write_report
-    from capsbench.report.summary import render_summary
-
-    atomic.write_text(folder / "summary.md", render_summary(r, env, runs, merged, claims_df, files, wall))
-    write_report([folder], folder)
+    with staged(folder, reserved) as work:  # the folder appears whole, or not at all
+        runs, wall = write_run(work, folder, executor, r, req, seeds, claims, env, data, jobs, outcomes, started)
     for seed, check in ((sr.seed, c) for sr in runs for res in sr.results.values() for c in res.checks if not c.passed):
         print(f"warning: sanity check failed (seed {seed}): {check.name}: {check.detail}", file=sys.stderr)
     print(f"done in {wall:.0f}s; summary: {folder / 'summary.md'}; report: {folder / 'report.html'}")
     if tracker is not None:
         print(tracker.log(folder, r.name))
     return folder
+
+
+def write_run(work: Path, folder: Path, executor: Any, r: Resolved, req: RunRequest, seeds: list[int], claims: Any,
+              env: dict[str, Any], data: Any, jobs: list, outcomes: dict, started: float) -> tuple[list[SeedRun], float]:
+    """Evaluate every seed into ``work`` (the staging folder that becomes ``folder``): config,
+    environment, tables, plots, claims, summary and report; returns the seeds' runs and the wall time."""
+    from capsbench.report.document import write_report
+    from capsbench.report.summary import render_summary
+    from capsbench.run.jobs import fresh_keys, jobs_table
+
+    atomic.write_text(work / "config.toml", to_toml({**r.as_dict(), "seeds": seeds, **({"claims": [c.id for c in claims]} if claims else {})}))
+    atomic.write_text(work / "env.json", json.dumps(env, indent=2, default=str))
+    figures = FolderFigures(work)
+    runs = executor.evaluate(r, req, seeds, data, fresh_keys(outcomes), figures)
+    merged = {**merge_tables(runs), "jobs": jobs_table(jobs, outcomes, runs)}
+    files = [write_table(work, name, df) for name, df in merged.items()] + figures.files
+    claims_df = evaluate_claims(claims, merged, r) if claims is not None else None
+    if claims_df is not None:
+        atomic.write_with(work / "claims.csv", lambda tmp: claims_df.to_csv(tmp, index=False))
+    wall = time.perf_counter() - started
+    atomic.write_text(work / "summary.md", render_summary(r, env, runs, merged, claims_df, files, wall))
+    write_report([work], work, shown_as=[folder])
+    return runs, wall
 
 
 def merge_tables(runs: list[SeedRun]) -> dict[str, pd.DataFrame]:

@@ -30,6 +30,40 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused():
         distributed.check_batch(World(0, 2), 33)
 
 
+def test_rank_0_speaks_for_all_ranks_but_each_rank_names_its_own_problem(monkeypatch, capsys):
+    import capsbench.cli as cli
+    from capsbench.core.errors import RankError
+
+    def fails_with(error):
+        def cmd(args):
+            raise error
+
+        return cmd
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "cmd_list", fails_with(CapsbenchError("every rank met this")))
+    assert cli.main(["list", "models"]) == 2 and capsys.readouterr().err == ""  # rank 0 says it
+    monkeypatch.setattr(cli, "cmd_list", fails_with(RankError("local rank 5 has no GPU")))
+    assert cli.main(["list", "models"]) == 2 and capsys.readouterr().err == "error: rank 1: local rank 5 has no GPU\n"
+
+
+def test_every_training_job_s_batch_is_checked_before_the_first_trains():
+    """A part's own models (MultiMNIST's batch) too, not only train.batch_size."""
+    from capsbench.parts.multimnist import MultiMNISTConfig, MultiMnistRecipe
+    from capsbench.run.jobs import TrainJob
+    from capsbench.run.local import LocalExecutor
+    from capsbench.train.config import TrainConfig
+
+    def job(spec):
+        return TrainJob("capsnet", spec, {}, 0, "k", "models/capsnet-k", "capsnet (seed 0)")
+
+    mm = MultiMnistRecipe(MultiMNISTConfig(batch_size=33), 0, None, 100, TrainConfig())
+    ex = LocalExecutor()
+    ex.world = World(0, 2)
+    with pytest.raises(CapsbenchError, match="multimnist.batch_size = 33 is not divisible by the world size 2"):
+        ex.train([job(TrainConfig(batch_size=32)), job(mm)], None, None, None)  # refused before job 1 runs
+
+
 def train(cache, *extra: str, ranks: int = 0) -> subprocess.CompletedProcess:
     """`capsbench train capsnet` on the smoke preset for 6 steps, under torchrun with ``ranks``
     processes (0: plain python), one CPU thread per process."""
@@ -67,6 +101,9 @@ def test_two_gloo_ranks_reach_one_process_s_weights(shared_cache, tmp_path):
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     moved = max((b["model"][k] - init[k]).abs().max().item() for k in init)
     assert diff < 1e-5 < moved / 100  # the same weights within float tolerance, after real steps
+    again = train(caches[0], ranks=2)  # cached: rank 0 reads the entry and sends it to rank 1
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("from the cache") == 1
     losses = [[h["train_loss"] for h in m["meta"]["history"] if "train_loss" in h] for m in (a, b)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the logged loss is the global batch's
 

@@ -167,6 +167,8 @@ def test_ray_address_unreachable_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--ray-address", "nohost"], "--ray-address must be auto, local, HOST:PORT"),
     (["--executor", "local", "--ray-address", "auto"], "--ray-address and --ray-task-cpus need --executor ray"),
+    (["--ray-task-cpus", "0"], "--ray-task-cpus 0: give the CPUs per task as a whole number, 1 or more"),
+    (["--ray-task-cpus", "-2"], "--ray-task-cpus -2: give the CPUs per task as a whole number, 1 or more"),
 ])  # fmt: skip
 def test_bad_ray_options(args, message, tmp_path, capsys):
     pytest.importorskip("ray")

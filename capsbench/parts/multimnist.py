@@ -175,6 +175,11 @@ class MultiMnistRecipe:
     def label(self, name: str) -> str:
         return f"multimnist {name}"
 
+    @property
+    def batch_setting(self) -> tuple[str, int]:
+        """(the suite key, the value) of the global batch size: torchrun's ranks must share it."""
+        return "multimnist.batch_size", self.cfg.batch_size
+
     def task(self, data: Any, device: torch.device) -> MultiMnistTask:
         sp = self.speed
         return MultiMnistTask(self.cfg, data, self.seed,

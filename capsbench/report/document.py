@@ -251,9 +251,13 @@ def to_html(b: Blocks) -> str:
     return "\n".join(out)
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
-    """Render report.md and report.html for ``run_dirs`` into ``out_dir`` (files written atomically)."""
+def write_report(run_dirs: list[str | Path], out_dir: str | Path,
+                 shown_as: list[Path] | None = None) -> tuple[Path, Path]:  # fmt: skip
+    """Render report.md and report.html for ``run_dirs`` into ``out_dir`` (files written atomically);
+    ``shown_as``: the folders to name instead (a run writes its report while staging its folder)."""
     runs = [read_run(d, f"R{i + 1}") for i, d in enumerate(run_dirs)]
+    for run, shown in zip(runs, shown_as or []):
+        run.folder = Path(shown)
     out_dir = Path(out_dir)
     blocks = build(runs)
     md, page = out_dir / "report.md", out_dir / "report.html"

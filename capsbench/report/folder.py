@@ -4,14 +4,17 @@ which reads a folder back (config.toml, env.json, tables, plots, claims.csv)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import secrets
+import shutil
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -42,6 +45,25 @@ def new_run_folder(suite: str, out: str | None) -> Path:
             return folder
         except FileExistsError:
             continue
+
+
+@contextlib.contextmanager
+def staged(folder: Path, reserved: bool) -> Iterator[Path]:
+    """Write a run folder out of sight: yield a hidden sibling (``.<name>.partial-<hex>``) that
+    replaces ``folder`` (empty, as new_run_folder left it) in one rename when the block ends. A
+    block that fails or is interrupted leaves nothing at ``folder``; ``reserved``: this run
+    created ``folder``, so it goes too."""
+    staging = folder.parent / f".{folder.name}.partial-{secrets.token_hex(3)}"
+    staging.mkdir()
+    try:
+        yield staging
+        os.replace(staging, folder)  # POSIX: a directory may replace an empty one
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if reserved:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def write_table(folder: Path, name: str, df) -> str:

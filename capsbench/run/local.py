@@ -14,6 +14,7 @@ from capsbench.run.evaluate import FigureSink, SeedRun, for_seed, run_seed, seed
 from capsbench.run.jobs import JobOutcome, TrainJob, train_here
 from capsbench.suite import Resolved, RunRequest
 from capsbench.train import distributed
+from capsbench.train.cache import as_recipe
 
 
 class LocalExecutor:
@@ -38,7 +39,7 @@ class LocalExecutor:
         ranks = f"; {self.ranks} ranks (torchrun, DDP)" if self.ranks > 1 else ""
         return describe(device) + ranks
 
-    def environment(self) -> dict[str, Any]:
+    def environment(self, device: torch.device) -> dict[str, Any]:
         return {"executor": "local", "world_size": self.ranks}
 
     def check(self, r: Resolved) -> None:
@@ -48,6 +49,9 @@ class LocalExecutor:
     def train(self, jobs: list[TrainJob], r: Resolved, req: RunRequest, data: Any) -> dict[str, JobOutcome]:
         """Every job here; under torchrun every rank trains each in DDP, then all leave the group
         (rank 0 evaluates alone: a part that trains, tta, must not wait for the others)."""
+        for job in jobs:  # before the first job trains: the parts' own models too (MultiMNIST's batch)
+            key, size = as_recipe(job.spec).batch_setting
+            distributed.check_batch(self.world, size, key)
         outcomes = train_here(jobs, r.device, req, data)
         distributed.barrier(self.world)
         distributed.leave(self.world)

@@ -54,13 +54,14 @@ def check_reachable(address: str | None) -> None:
 
 
 def connect(ray: Any, address: str | None) -> bool:
-    """Join the cluster at ``address`` (None or "local": start a local instance with this machine's
-    cores and GPUs); returns whether this call started Ray (and so should shut it down)."""
+    """Join the cluster at ``address`` (None or "local": start a new local instance with this
+    machine's cores and GPUs, never one that `ray start` or RAY_ADDRESS left running); returns
+    whether this call started Ray (and so should shut it down)."""
     check_reachable(address)
     if ray.is_initialized():  # a caller (a test, a notebook) connected already
         return False
     try:
-        ray.init(address=None if address in (None, "local") else address, include_dashboard=False,
+        ray.init(address="local" if address in (None, "local") else address, include_dashboard=False,
                  logging_level="WARNING", log_to_driver=True)  # fmt: skip
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -75,6 +76,11 @@ def failure_text(ray: Any, e: BaseException) -> str:
     err = cause if cause is not None else e
     first = (str(err).strip().splitlines() or [""])[0]
     return first if isinstance(err, CapsbenchError) else f"{type(err).__name__}: {first}"
+
+
+def one_line(failed: list[str], rest: str = "") -> CapsbenchError:
+    """The error a phase ends with: its first failed task, then what was kept and how many more failed."""
+    return CapsbenchError(failed[0] + rest + (f" ({len(failed) - 1} more failed)" if len(failed) > 1 else ""))
 
 
 class Board:
@@ -99,6 +105,18 @@ def task_setup(board: Any, name: str, threads: int) -> None:
     load_parts()  # a fresh worker has imported only what unpickling the task needed
     tune_cpu_allocator()
     torch.set_num_threads(threads)
+
+
+WORKER_FIELDS = ("device", "device_name", "cuda", "torch", "torch_threads", "cpu_count", "platform")
+
+
+def worker_environment(device: str, threads: int) -> dict[str, Any]:
+    """A Ray task: env.json's device fields as a task sees them."""
+    from capsbench.core.env import environment
+
+    torch.set_num_threads(threads)
+    env = environment(torch.device(device))
+    return {k: env[k] for k in WORKER_FIELDS}
 
 
 def install_weights(root: str, weights: dict[str, tuple[str, list[Any]]]) -> None:
@@ -178,10 +196,13 @@ class RayExecutor:
         return (f"Ray cluster {self.address}: {len(self.ray.nodes())} node(s), {self.cpus} CPUs, {self.gpus} GPUs; "
                 f"{per} per task, on {device.type}")  # fmt: skip
 
-    def environment(self) -> dict[str, Any]:
+    def environment(self, device: torch.device) -> dict[str, Any]:
+        """The cluster, and the device a task computes on (asked of a worker: the driver's may differ)."""
+        probe = self.ray.remote(worker_environment).options(**self.resources(device))
+        worker = self.ray.get(probe.remote(device.type, self.threads(device)))
         return {"executor": "ray", "ray_address": self.address, "ray_version": self.ray.__version__,
                 "ray_nodes": len(self.ray.nodes()), "ray_cpus": self.cpus, "ray_gpus": self.gpus,
-                "ray_task_cpus": self.task_cpus}  # fmt: skip
+                "ray_task_cpus": self.task_cpus, **worker}  # fmt: skip
 
     # ---- the two phases ----
 
@@ -194,11 +215,16 @@ class RayExecutor:
         task = ray.remote(train_task).options(num_returns=2, max_retries=RETRIES, **self.resources(r.device))
         refs = {job.key: task.remote(job, r.device.type, root, self.data, self.board, self.threads(r.device))
                 for job in jobs}  # fmt: skip
-        outcomes = self.gather({refs[j.key][0]: j for j in jobs}, "training", req.progress)
+        labels = {refs[j.key][0]: j for j in jobs}
+        outcomes, failed = self.wait_all(labels, "training", req.progress)
         self.weights = {j.key: (j.folder, [refs[j.key][1]]) for j in jobs}
-        for job in jobs:
+        for ref in outcomes:  # the finished ones, also when another failed: a rerun finds them here
+            job = labels[ref]
             if not (cache_path(root, job) / "model.pt").exists():  # the worker's storage is not ours
                 install_entry(cache_path(root, job), ray.get(refs[job.key][1]))
+        if failed:
+            rest = f"; the {len(outcomes)} finished training job(s) are in the cache: rerun to resume" if outcomes else ""
+            raise one_line(failed, rest)
         return {o.key: o for o in outcomes.values()}
 
     def evaluate(self, r: Resolved, req: RunRequest, seeds: list[int], data: Any, fresh: frozenset[str],
@@ -216,7 +242,9 @@ class RayExecutor:
                                   name, self.threads(r.device))  # fmt: skip
                 plan[ref] = (seed, part)
         labels = {ref: f"{part or 'models'} (seed {seed})" for ref, (seed, part) in plan.items()}
-        results = self.gather(labels, "evaluation", shown)
+        results, failed = self.wait_all(labels, "evaluation", shown)
+        if failed:
+            raise one_line(failed)
         return self.seed_runs(r, seeds, plan, results, sink)
 
     def seed_runs(self, r: Resolved, seeds: list[int], plan: dict, results: dict, sink: Any) -> list[SeedRun]:
@@ -235,12 +263,13 @@ class RayExecutor:
             run.results[part] = res
         for seed, run in runs.items():
             if not run.metas:  # no part needs trained weights: the untrained models' metadata
-                run.metas = {n: tm.meta for n, tm in untrained(for_seed(r, seed)).items()}
+                cpu = replace(for_seed(r, seed), device=torch.device("cpu"))  # the driver may have no GPU
+                run.metas = {n: tm.meta for n, tm in untrained(cpu).items()}
         return list(runs.values())
 
-    def gather(self, labels: dict[Any, Any], phase: str, progress: bool) -> dict[Any, Any]:
-        """Wait for every task (showing done / running / queued), then raise one line for the first
-        that failed for good; the ones that finished are kept (their cache entries)."""
+    def wait_all(self, labels: dict[Any, Any], phase: str, progress: bool) -> tuple[dict[Any, Any], list[str]]:
+        """Wait for every task (showing done / running / queued); returns the finished ones' results
+        and a line for each that failed for good."""
         ray, pending, done, failed = self.ray, list(labels), {}, []
         name = {ref: (j.label if isinstance(j, TrainJob) else j) for ref, j in labels.items()}
         key = {ref: (j.key if isinstance(j, TrainJob) else j) for ref, j in labels.items()}
@@ -262,11 +291,7 @@ class RayExecutor:
             bar.set_postfix_str(f"running {len(running)}, queued {len(pending) - len(running)}, "
                                 f"{time.perf_counter() - t0:.0f}s")  # fmt: skip
         bar.close()
-        if failed:
-            kept = sum(isinstance(labels[ref], TrainJob) for ref in done)
-            rest = f"; the {kept} finished training job(s) are in the cache: rerun to resume" if kept else ""
-            raise CapsbenchError(failed[0] + rest + (f" ({len(failed) - 1} more failed)" if len(failed) > 1 else ""))
-        return done
+        return done, failed
 
     def close(self) -> None:
         if self.started and self.ray.is_initialized():

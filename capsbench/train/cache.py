@@ -56,6 +56,10 @@ class Recipe(Protocol):
     def label(self, name: str) -> str:
         """The progress label of training ``name``."""
 
+    @property
+    def batch_setting(self) -> tuple[str, int]:
+        """(the suite key, the value) of the global batch size, which torchrun's ranks share."""
+
     def task(self, data: Any, device: torch.device) -> Task:
         """The Trainer's task on ``data`` (MNIST: train_x/train_y/test_x/test_y)."""
 
@@ -85,6 +89,10 @@ class MnistRecipe:
 
     def label(self, name: str) -> str:
         return name
+
+    @property
+    def batch_setting(self) -> tuple[str, int]:
+        return "train.batch_size", self.cfg.batch_size
 
     def task(self, data: Any, device: torch.device) -> Task:
         return MnistTask(self.cfg, data, device)
@@ -140,7 +148,7 @@ def get_trained(
     with file_lock(folder / "lock") if world.main else contextlib.nullcontext():
         final = folder / "model.pt"
         if distributed.agree(world, final.exists()):
-            return load_entry(name, options, final, device)
+            return load_entry(name, options, final, device, world)
         torch.manual_seed(recipe.seed)  # initial weights are a function of the seed
         model = build_model(name, **options)
         data = data if data is not None else load_mnist(root)
@@ -154,17 +162,20 @@ def get_trained(
             "env": environment(device),
         }  # fmt: skip
         meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only
-        if world.main:
-            checkpoint.save(final, {"model": model.state_dict(), "meta": meta})
+        if world.main:  # model.pt last: its presence makes the entry visible (ENTRY_FILES)
             atomic.write_text(folder / "meta.json", json.dumps(meta, indent=2))
+            checkpoint.save(final, {"model": model.state_dict(), "meta": meta})
             (folder / "checkpoint.pt").unlink(missing_ok=True)
         return TrainedModel(name, model.eval(), meta, cached=False)
 
 
-def load_entry(name: str, options: dict[str, Any], final: Path, device: torch.device) -> TrainedModel:
-    """The cached model in ``final`` (model.pt), on ``device``."""
+def load_entry(name: str, options: dict[str, Any], final: Path, device: torch.device,
+               world: distributed.World | None = None) -> TrainedModel:  # fmt: skip
+    """The cached model in ``final`` (model.pt), on ``device``. Under torchrun rank 0 reads it and
+    sends it to the other ranks, whose nodes need not share its disk."""
+    world = world or distributed.World()
     model = build_model(name, **options)
-    state = checkpoint.load(final, map_location=device)
+    state = distributed.from_main(world, checkpoint.load(final, map_location="cpu") if world.main else None)
     model.load_state_dict(state["model"])
     return TrainedModel(name, model.to(device).eval(), state["meta"], cached=True)
 
@@ -173,7 +184,11 @@ ENTRY_FILES = ("meta.json", "model.pt")  # model.pt last: its presence makes an 
 
 
 def entry_files(folder: Path) -> dict[str, bytes]:
-    """A finished cache entry's files, to send to a cache on other storage."""
+    """A finished cache entry's files, to send to a cache on other storage (meta.json rebuilt from
+    model.pt's copy where an entry lacks it: entries once wrote it after model.pt)."""
+    meta = folder / "meta.json"
+    if not meta.exists():
+        atomic.write_text(meta, json.dumps(checkpoint.load(folder / "model.pt")["meta"], indent=2))
     return {f: (folder / f).read_bytes() for f in ENTRY_FILES}
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from capsbench.core.errors import CapsbenchError
+from capsbench.core.errors import CapsbenchError, RankError
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         return world, device
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
-            raise CapsbenchError(f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+            raise RankError(f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                                  "give torchrun --nproc-per-node at most the number of GPUs")  # fmt: skip
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
