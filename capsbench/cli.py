@@ -39,7 +39,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print(format_table(LISTS.get(args.what)()))
+    rows = LISTS.get(args.what)()
+    print(markdown_rows(rows) if args.markdown else format_table(rows))
     return 0
 
 
@@ -151,9 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from capsbench.parts import load_parts
     from capsbench.report.document import write_report
     from capsbench.report.folder import new_run_folder, read_run
 
+    load_parts()  # the parts declare the report's headline numbers
     for i, d in enumerate(args.runs):  # check every folder before creating the output folder
         read_run(d, f"R{i + 1}")
     folder = new_run_folder("reports", args.out)
@@ -176,6 +179,26 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     fmt = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals[:-1], widths)) + "  " + vals[-1]  # noqa: E731
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])
+
+
+def markdown_rows(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (docs/results.md's CSV schema is this, for `list tables`)."""
+    import pandas as pd
+
+    from capsbench.report.format import markdown_table
+
+    return markdown_table(pd.DataFrame(rows).astype(str)) if rows else "(nothing)"
+
+
+@LISTS.register("tables")
+def list_tables() -> list[dict[str, Any]]:
+    """Every table a run can write (tables/<name>.csv), who writes it, and its columns in order."""
+    from capsbench.parts import load_parts
+    from capsbench.report.tables import TABLES
+
+    load_parts()  # the parts register their tables
+    return [{"table": f"{name}.csv", "written by": TABLES.meta(name).get("part", "every run"),
+             "columns": ", ".join(TABLES.get(name))} for name in TABLES.names()]  # fmt: skip
 
 
 @LISTS.register("models")
@@ -255,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("list", parents=[common], help="list models, presets, suites, claims, attacks",
+    p = sub.add_parser("list", parents=[common], help="list models, presets, suites, claims, attacks, tables",
                        description="List what capsbench knows about.")  # fmt: skip
     p.add_argument("what", choices=LISTS.names(), help="what to list")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table (docs/results.md uses `list tables`)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("data", parents=[common], help="MNIST: show or fill the cache",

@@ -4,10 +4,11 @@ write a new run folder (config.toml, env.json, tables/, plots/, claims.csv, summ
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from capsbench.core.config import to_toml
 from capsbench.core.errors import CapsbenchError
 from capsbench.report.folder import check_out, new_run_folder, staged, write_figure, write_png, write_table
 from capsbench.run.evaluate import SeedRun
-from capsbench.suite import Resolved, RunRequest, find_suite, read_suite, resolve
+from capsbench.suite import Resolved, RunRequest, find_suite, read_suite
 
 
 def print_plan(r: Resolved, seeds: list[int], where: str) -> None:
@@ -47,6 +48,15 @@ class FolderFigures:
 
     def png(self, name: str, data: bytes) -> None:
         self.files.append(write_png(self.folder, name, data))
+
+
+@contextmanager
+def phase(what: str) -> Iterator[None]:
+    """Say on stderr what the run is doing, then how long it took."""
+    print(f"{what} ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    yield
+    print(f"  {what}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
 def open_executor(req: RunRequest) -> Any:
@@ -86,53 +96,53 @@ def run(req: RunRequest) -> Path | None:
 
 def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: RunRequest) -> Path | None:
     from capsbench.data import load_mnist
-    from capsbench.run.jobs import training_jobs
+    from capsbench.run.plan import make_plan
 
-    r = resolve(raw, name, req, device=executor.device(req.device))
-    executor.check(r)
-    seeds = list(req.seeds) or [r.train.seed]
-    claims = claim_selection(r, req.claims)
-    if executor.main:
-        print_plan(r, seeds, executor.describe(r.device))
-    started = time.perf_counter()
-    env = {**run_environment(r), **executor.environment(r.device)}
     data = load_mnist(req.data_dir)
-    jobs = training_jobs(r, req, seeds, data)
-    outcomes = executor.train(jobs, r, req, data)
+    plan = make_plan(raw, name, req, executor.device(req.device), data)
+    executor.check(plan.suite)
+    if executor.main:
+        print_plan(plan.suite, list(plan.seeds), executor.describe(plan.device))
+    started = time.perf_counter()
+    env = {**run_environment(plan.suite), **executor.environment(plan.device)}
+    outcomes = executor.train(plan, data)
     if not executor.main:
         return None  # torchrun: rank 0 evaluates and writes
     reserved = not (req.out and Path(req.out).exists())  # this run creates the folder (else: an empty --out)
-    folder = new_run_folder(r.name, req.out)
+    folder = new_run_folder(plan.suite.name, req.out)
     with staged(folder, reserved) as work:  # the folder appears whole, or not at all
-        runs, wall = write_run(work, folder, executor, r, req, seeds, claims, env, data, jobs, outcomes, started)
+        runs, wall = write_run(work, folder, executor, plan, env, data, outcomes, started)
     for seed, check in ((sr.seed, c) for sr in runs for res in sr.results.values() for c in res.checks if not c.passed):
         print(f"warning: sanity check failed (seed {seed}): {check.name}: {check.detail}", file=sys.stderr)
     print(f"done in {wall:.0f}s; summary: {folder / 'summary.md'}; report: {folder / 'report.html'}")
     if tracker is not None:
-        print(tracker.log(folder, r.name))
+        print(tracker.log(folder, plan.suite.name))
     return folder
 
 
-def write_run(work: Path, folder: Path, executor: Any, r: Resolved, req: RunRequest, seeds: list[int], claims: Any,
-              env: dict[str, Any], data: Any, jobs: list, outcomes: dict, started: float) -> tuple[list[SeedRun], float]:
+def write_run(work: Path, folder: Path, executor: Any, plan: Any, env: dict[str, Any], data: Any, outcomes: dict,
+              started: float) -> tuple[list[SeedRun], float]:  # fmt: skip
     """Evaluate every seed into ``work`` (the staging folder that becomes ``folder``): config,
     environment, tables, plots, claims, summary and report; returns the seeds' runs and the wall time."""
     from capsbench.report.document import write_report
     from capsbench.report.summary import render_summary
     from capsbench.run.jobs import fresh_keys, jobs_table
 
-    atomic.write_text(work / "config.toml", to_toml({**r.as_dict(), "seeds": seeds, **({"claims": [c.id for c in claims]} if claims else {})}))
+    r, claims = plan.suite, plan.claims
+    chosen = {"claims": [c.id for c in claims]} if claims else {}
+    atomic.write_text(work / "config.toml", to_toml({**r.as_dict(), "seeds": list(plan.seeds), **chosen}))
     atomic.write_text(work / "env.json", json.dumps(env, indent=2, default=str))
     figures = FolderFigures(work)
-    runs = executor.evaluate(r, req, seeds, data, fresh_keys(outcomes), figures)
-    merged = {**merge_tables(runs), "jobs": jobs_table(jobs, outcomes, runs)}
-    files = [write_table(work, name, df) for name, df in merged.items()] + figures.files
-    claims_df = evaluate_claims(claims, merged, r) if claims is not None else None
-    if claims_df is not None:
-        atomic.write_with(work / "claims.csv", lambda tmp: claims_df.to_csv(tmp, index=False))
-    wall = time.perf_counter() - started
-    atomic.write_text(work / "summary.md", render_summary(r, env, runs, merged, claims_df, files, wall))
-    write_report([work], work, shown_as=[folder])
+    runs = executor.evaluate(plan, data, fresh_keys(outcomes), figures)
+    merged = {**merge_tables(runs), "jobs": jobs_table(list(plan.jobs), outcomes, runs)}
+    with phase("writing tables, summary and report"):
+        files = [write_table(work, name, df) for name, df in merged.items()] + figures.files
+        claims_df = evaluate_claims(list(claims), merged, r) if claims is not None else None
+        if claims_df is not None:
+            atomic.write_with(work / "claims.csv", lambda tmp: claims_df.to_csv(tmp, index=False))
+        wall = time.perf_counter() - started
+        atomic.write_text(work / "summary.md", render_summary(r, env, runs, merged, claims_df, files, wall))
+        write_report([work], work, shown_as=[folder])
     return runs, wall
 
 
@@ -147,37 +157,6 @@ def merge_tables(runs: list[SeedRun]) -> dict[str, pd.DataFrame]:
             for name, df in res.tables.items():
                 tables.setdefault(name, []).append(df if "seed" in df.columns else df.assign(seed=run.seed))
     return {name: pd.concat(dfs, ignore_index=True) for name, dfs in tables.items()}
-
-
-def claim_selection(r: Resolved, ids: tuple[str, ...]) -> list | None:
-    """The claims this run evaluates: --claims, or for the `paper` suite every claim its preset
-    does not leave out (``skip_claims``), else None.
-
-    --claims, and a preset that leaves claims out, narrow the run to the parts (and Table 1
-    variants) the evaluated claims need."""
-    from capsbench.report.claims import select
-
-    if not ids and r.name != "paper":
-        if r.skip_claims:
-            raise CapsbenchError(f"skip_claims: suite {r.name} evaluates no claims (only `paper` does, or a run "
-                                 "with --claims), so there is nothing to leave out; remove the table")  # fmt: skip
-        return None
-    claims = select(",".join(ids))
-    if not ids and r.skip_claims:
-        claims = [c for c in claims if c.id not in r.skip_claims]
-    if ids or r.skip_claims:
-        needed = {c.part for c in claims}
-        missing = sorted(needed - set(r.parts))
-        if missing:
-            raise CapsbenchError(f"claim(s) need part {missing[0]!r}, which suite {r.name} does not run; "
-                                 "use `run paper --claims ...`")  # fmt: skip
-        r.parts = {p: c for p, c in r.parts.items() if p in needed}
-        if "table1" in r.parts:
-            wanted = [c.id for c in claims if c.part == "table1"]
-            r.parts["table1"] = dataclasses.replace(r.parts["table1"], claims=wanted)
-    if ids:
-        r.skip_claims = {}  # claims asked for by name run, whatever the preset leaves out
-    return claims
 
 
 def evaluate_claims(claims: list, tables: dict[str, Any], r: Resolved):

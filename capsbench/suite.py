@@ -76,7 +76,7 @@ def read_suite(path: Path) -> dict[str, Any]:
         raise CapsbenchError(f"cannot read suite file {path}: {e}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resolved:
     """A fully checked suite configuration; ``as_dict`` is what config.toml records."""
 
@@ -136,18 +136,23 @@ def resolve(raw: dict[str, Any], name: str, req: RunRequest, device: torch.devic
     stray = sorted(set(model_tables) - set(models))
     if stray:
         raise CapsbenchError(f"[model.{stray[0]}] configures a model the suite does not run ({', '.join(models)})")
-    parts = {}
-    for p in _check_list(merged.get("parts"), "parts"):
-        parts[p] = from_dict(PARTS.get(p).config, merged.get(p, {}), where=p)
+    parts = {p: part_config(p, preset, merged) for p in _check_list(merged.get("parts"), "parts")}
     precheck_parts(parts, models)
     for p in set(PARTS.names()) - set(parts):
         if p in merged:  # validate tables of parts not run, so typos never pass silently
-            from_dict(PARTS.get(p).config, merged[p], where=p)
+            part_config(p, preset, merged)
     test_n = merged.get("test_n", 10000)
     if not isinstance(test_n, int) or isinstance(test_n, bool) or test_n < 0:
         raise CapsbenchError(f"test_n must be an integer >= 0 (0 = the whole test set), got {test_n!r}")
     skip = skipped_claims(merged.get("skip_claims", {}))
     return Resolved(name, str(merged.get("description", "")), preset, device, train, models, parts, test_n, skip)
+
+
+def part_config(name: str, preset: str, merged: dict[str, Any]) -> Any:
+    """Part ``name``'s config: its defaults, its own sizes for ``preset``, then the suite's table
+    (already merged with its [preset.<name>] table and --set)."""
+    part = PARTS.get(name)
+    return from_dict(part.config, deep_merge(part.sized(preset), merged.get(name, {})), where=name)
 
 
 def skipped_claims(raw: Any) -> dict[str, str]:

@@ -52,6 +52,7 @@ def test_every_training_job_s_batch_is_checked_before_the_first_trains():
     from capsbench.parts.multimnist import MultiMNISTConfig, MultiMnistRecipe
     from capsbench.run.jobs import TrainJob
     from capsbench.run.local import LocalExecutor
+    from capsbench.run.plan import Plan
     from capsbench.train.config import TrainConfig
 
     def job(spec):
@@ -61,7 +62,8 @@ def test_every_training_job_s_batch_is_checked_before_the_first_trains():
     ex = LocalExecutor()
     ex.world = World(0, 2)
     with pytest.raises(CapsbenchError, match="multimnist.batch_size = 33 is not divisible by the world size 2"):
-        ex.train([job(TrainConfig(batch_size=32)), job(mm)], None, None, None)  # refused before job 1 runs
+        plan = Plan(None, None, (0,), None, (job(TrainConfig(batch_size=32)), job(mm)))  # type: ignore[arg-type]
+        ex.train(plan, None)  # refused before job 1 runs
 
 
 def train(cache, *extra: str, ranks: int = 0) -> subprocess.CompletedProcess:

@@ -87,24 +87,26 @@ def test_the_standard_paper_run_leaves_out_what_does_not_fit_on_a_cpu_and_says_w
     """`run paper --preset standard` evaluates the claims that fit on a CPU, narrows its parts to
     theirs, and lists each left-out claim as not run with the preset's reason; --claims overrides."""
     from capsbench.parts import load_parts
-    from capsbench.runner import claim_selection, evaluate_claims
+    from capsbench.run.plan import select_claims
+    from capsbench.runner import evaluate_claims
     from capsbench.suite import RunRequest, find_suite, read_suite, resolve
 
     load_parts()
     r = resolve(read_suite(find_suite("paper")), "paper", RunRequest("paper", preset="standard", device="cpu"))
     left_out = {"mnist-error-baseline", "affnist-capsnet", "affnist-gap", "multimnist-error"}
     assert set(r.skip_claims) == left_out and r.train.schedule == "onecycle" and r.train.input_size == 28
-    claims = claim_selection(r, ())
+    claims, narrowed = select_claims(r, ())
     assert {c.id for c in claims} == set(load_claims()) - left_out
-    assert list(r.parts) == ["table1", "adversarial"]  # affine and multimnist are not run at all
-    assert "mnist-error-baseline" not in r.parts["table1"].claims and len(r.parts["table1"].claims) == 7
-    rows = evaluate_claims(claims, {}, r).set_index("claim")
+    assert list(narrowed.parts) == ["table1", "adversarial"]  # affine and multimnist are not run at all
+    assert "mnist-error-baseline" not in narrowed.parts["table1"].claims and len(narrowed.parts["table1"].claims) == 7
+    assert list(r.parts) == ["table1", "affine", "adversarial", "multimnist"]  # selecting changed nothing
+    rows = evaluate_claims(list(claims), {}, narrowed).set_index("claim")
     assert set(rows.index) == set(load_claims()) and (rows.loc[sorted(left_out), "verdict"] == "not run").all()
     assert list(rows.reset_index().columns) == COLUMNS and rows.n_seeds.dtype.kind == "i"  # every column, counts as ints
     assert rows.loc["mnist-error-baseline", "notes"].startswith("left out by suite paper, preset standard: the paper's baseline CNN")
-    again = resolve(read_suite(find_suite("paper")), "paper", RunRequest("paper", preset="standard", device="cpu"))
-    assert [c.id for c in claim_selection(again, ("mnist-error-baseline",))] == ["mnist-error-baseline"]
-    assert again.skip_claims == {}  # named claims run, whatever the preset leaves out
+    named, again = select_claims(r, ("mnist-error-baseline",))
+    assert [c.id for c in named] == ["mnist-error-baseline"]
+    assert again.skip_claims == {} and r.skip_claims  # named claims run, whatever the preset leaves out
 
 
 def test_skip_claims_with_an_unknown_claim_or_no_reason_is_refused(tmp_path, capsys):

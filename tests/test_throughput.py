@@ -231,7 +231,10 @@ def test_compile_mode_and_channels_last_are_settings_of_the_sweep(monkeypatch):
 
 
 def test_report_names_how_the_best_speed_was_measured():
-    from capsbench.report.document import _speed
+    from capsbench.report.headline import Headline
+
+    def _speed(df, model, mode):
+        return Headline("x", "x", "throughput", {"mode": mode}, kind="speed").cell({"throughput": df}, model)
 
     base = {"model": "m", "mode": "train", "dtype": "bf16", "repeats": 20}
     df = pd.DataFrame([{**base, "batch_size": 128, "samples_per_sec": 10.0, "compile": False, "compile_mode": None,

@@ -18,6 +18,7 @@ import pytest
 
 from capsbench.cli import main
 from capsbench.core.errors import CapsbenchError
+from capsbench.parts import load_parts
 from capsbench.report.document import flatten, headline
 from capsbench.report.folder import Run, read_run
 from capsbench.run.track import metrics, open_tracker
@@ -115,7 +116,8 @@ def small_run(folder) -> Run:
                             "converged": [True], "floor": [0.9], "meets_floor": [True]})  # fmt: skip
     tables = {"clean": clean, "adversarial": adv.assign(n=500, seed=0), "affine": affine, "throughput": speed,
               "models": trained}  # fmt: skip
-    return Run(folder, "R1", {"models": ["capsnet", "cnn"], "preset": "smoke"}, {}, tables, [])
+    config = {"models": ["capsnet", "cnn"], "parts": ["affine", "adversarial", "throughput"], "preset": "smoke"}
+    return Run(folder, "R1", config, {}, tables, [])
 
 
 def test_metrics_are_the_headline_numbers(tmp_path):
@@ -133,6 +135,7 @@ def test_metrics_are_the_headline_numbers(tmp_path):
                "AutoAttack 0.1 %": "autoattack_eps0.1_accuracy", "worst case 0.1 %": "worst_case_eps0.1_accuracy",
                "worst case 0.3 %": "worst_case_eps0.3_accuracy", "train img/s": "train_images_per_s",
                "inference img/s": "inference_images_per_s"}  # fmt: skip
+    load_parts()  # the parts declare the headline's columns
     table = headline(run)
     assert set(columns) == set(table.columns) - {"run", "model", "device"}
     for row in table.to_dict("records"):

@@ -27,6 +27,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (something registered for a while: a test's throwaway part)."""
+        self._items.pop(name, None)
+        self._meta.pop(name, None)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"

@@ -26,6 +26,7 @@ from capsbench.models.scoring import count_correct
 from capsbench.parts.base import Check, PartResult, RunContext, part
 from capsbench.parts.tally import Counts, Tally
 from capsbench.report.format import format_accuracy, markdown_table
+from capsbench.report.headline import Headline
 from capsbench.report.plots import example_grid, with_intervals
 
 FACTORS = ("rotation", "scale", "shear", "translation")
@@ -165,7 +166,19 @@ AFFINE_TABLES = {
 }
 
 
-@part("affine", AffineConfig, AFFINE_TABLES)
+GRIDS = dict(rotation=[0.0, 15.0, 30.0, 45.0, 60.0], scale=[0.6, 0.8, 1.0, 1.2], shear=[0.0, 0.2, 0.4],
+             translation=[0.0, 2.0, 4.0])  # the reduced presets' sweeps
+SIZING = {
+    "smoke": dict(n=64, composite_n=16, copies=2, rotation=[0.0, 30.0], scale=[1.0, 1.2], shear=[0.0, 0.3],
+                  translation=[0.0, 3.0]),
+    "quick": dict(n=500, composite_n=200, copies=4, batch_size=100, **GRIDS),
+    "standard": dict(n=1000, composite_n=500, copies=4, batch_size=250, **GRIDS),
+}  # fmt: skip
+HEADLINE = [Headline("composite %", "composite_accuracy", "affine", {"transform": "composite"},
+                     about="Composite: the affNIST-style composite affine set.")]  # fmt: skip
+
+
+@part("affine", AffineConfig, AFFINE_TABLES, sizing=SIZING, headline=HEADLINE)
 def run_affine(ctx: RunContext, cfg: AffineConfig) -> PartResult:
     S = ctx.input_size
     check_translation(cfg, S)

@@ -8,13 +8,15 @@ writes them atomically into the run folder and builds summary.md from the parts'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
+from capsbench.core.config import from_dict
 from capsbench.core.registry import Registry
+from capsbench.report.headline import HEADLINES, Headline
 from capsbench.report.tables import TABLES
 from capsbench.train.config import TrainConfig
 from capsbench.train.convergence import RECORD_COLUMNS
@@ -97,6 +99,14 @@ class Part:
     # while the suite resolves, before any work: raise CapsbenchError with one clear line.
     precheck: Callable[[Any, dict[str, Any]], None] | None = None
     jobs: JobsFn | None = None  # the part's own training jobs (parts with needs_training=False)
+    # Its sizes per training preset (preset -> config keys: test images, steps, budgets), stated
+    # once here; the config's defaults are the `full` sizes, and suite files say only what differs.
+    sizing: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    headline: tuple[Headline, ...] = ()  # its numbers in the report's headline, the summary and MLflow
+
+    def sized(self, preset: str) -> dict[str, Any]:
+        """The config keys this part sets for ``preset``; a preset it does not size gets `full`'s."""
+        return dict(self.sizing.get(preset, self.sizing.get("full", {})))
 
 
 PARTS: Registry[Part] = Registry("suite part")
@@ -109,14 +119,25 @@ TABLES.register("jobs")(JOB_COLUMNS)
 
 def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_training: bool = True,
          per_seed: bool = True, precheck: Callable[[Any, dict[str, Any]], None] | None = None,
-         jobs: JobsFn | None = None) -> Callable[[PartFn], PartFn]:  # fmt: skip
-    """Register the decorated run function as part ``name``."""
+         jobs: JobsFn | None = None, sizing: Mapping[str, Mapping[str, Any]] | None = None,
+         headline: Sequence[Headline] = ()) -> Callable[[PartFn], PartFn]:  # fmt: skip
+    """Register the decorated run function as part ``name``, with its tables' columns, its sizes
+    per preset (checked against ``config`` here) and its headline numbers."""
 
     def deco(fn: PartFn) -> PartFn:
         tabs = {k: tuple(v) for k, v in tables.items()}
-        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck, jobs))
+        sizes = {preset: dict(keys) for preset, keys in (sizing or {}).items()}
+        for preset, keys in sizes.items():  # a typo in a part's sizing fails at import, in every test
+            from_dict(config, keys, where=f"{name} sizing for preset {preset}")
+        stray = [h.table for h in headline if h.table not in tabs]
+        if stray:
+            raise ValueError(f"part {name}: headline reads table {stray[0]!r}, which it does not write")
+        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck, jobs, sizes,
+                                  tuple(headline)))  # fmt: skip
         for table, columns in tabs.items():
             TABLES.register(table, part=name)(columns)
+        if headline:
+            HEADLINES.register(name)(tuple(headline))
         return fn
 
     return deco

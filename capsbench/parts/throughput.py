@@ -29,6 +29,7 @@ from capsbench.core.timing import count_macs, peak_memory_mb, reset_peak_memory,
 from capsbench.models import BenchModel, CapsNet, CapsNetConfig, build_model
 from capsbench.parts.base import Check, PartResult, RunContext, part
 from capsbench.report.format import markdown_table
+from capsbench.report.headline import Headline
 from capsbench.train.step import CompileMode, InferStep, StepOptions, TrainStep
 
 Mode = Literal["train", "inference"]
@@ -258,7 +259,19 @@ def routing_sweep(name: str, tm: Any, ctx: RunContext, cfg: ThroughputConfig, no
 THROUGHPUT_TABLES = {"throughput": COLUMNS, "throughput_routing": ROUTING_COLUMNS}
 
 
-@part("throughput", ThroughputConfig, THROUGHPUT_TABLES, needs_training=False, per_seed=False)
+SIZING = {
+    "smoke": dict(batch_sizes=[8], repeats=2, warmup=1, routing_iters=[1, 2], routing_batch_size=8),
+    "quick": dict(batch_sizes=[16, 64], repeats=5, warmup=1, routing_iters=[1, 3], routing_batch_size=32),
+    "standard": dict(batch_sizes=[16, 64, 128], repeats=5, warmup=1, routing_iters=[1, 3], routing_batch_size=32),
+}  # fmt: skip
+SPEEDS = "Speeds: images/s at the best batch size measured, median of the repeats."
+HEADLINE = [Headline("train img/s", "train_images_per_s", "throughput", {"mode": "train"}, kind="speed", about=SPEEDS),
+            Headline("inference img/s", "inference_images_per_s", "throughput", {"mode": "inference"}, kind="speed",
+                     about=SPEEDS)]  # fmt: skip
+
+
+@part("throughput", ThroughputConfig, THROUGHPUT_TABLES, needs_training=False, per_seed=False, sizing=SIZING,
+      headline=HEADLINE)
 def run_throughput(ctx: RunContext, cfg: ThroughputConfig) -> PartResult:
     """Time every model over batch sizes, modes, dtypes and compile settings; sweep CapsNet's routing."""
     info, rows, routing_rows, notes = run_info(ctx), [], [], []

@@ -19,43 +19,13 @@ import pandas as pd
 
 from capsbench.core import atomic
 from capsbench.report.folder import Run, read_run
-from capsbench.report.format import accuracy_cell, markdown_table
-from capsbench.report.select import select_rows
+from capsbench.report.format import markdown_table
+from capsbench.report.headline import headline_notes, headline_row
 
 REDUCED = "reduced protocol: not comparable to the paper"
 
 
 # --- headline numbers --------------------------------------------------------------------
-
-
-def per_seed(df: pd.DataFrame | None, model: str, **where: Any) -> list[tuple[float, int]]:
-    """(accuracy, n) of each of ``model``'s rows matching ``where`` (white-box rows of an attack table)."""
-    if df is None or df.empty:
-        return []
-    rows, _ = select_rows(df, model, where)
-    return [(float(r.accuracy), int(r.n)) for r in rows.itertuples()]
-
-
-def best_speed_row(df: pd.DataFrame | None, model: str, mode: str) -> pd.Series | None:
-    """The throughput row of ``model``'s best images/s in ``mode`` (train or inference), or None."""
-    if df is None or df.empty:
-        return None
-    rows = df[(df.model == model) & (df["mode"] == mode)]
-    return None if rows.empty else rows.loc[rows.samples_per_sec.idxmax()]
-
-
-def _speed(df: pd.DataFrame | None, model: str, mode: str) -> str:
-    best = best_speed_row(df, model, mode)
-    if best is None:
-        return "–"
-    how = [f"batch {int(best['batch_size'])}", str(best["dtype"])]
-    flag = lambda key: pd.notna(best.get(key)) and bool(best.get(key))  # noqa: E731 - a column older runs lack
-    if flag("compile"):
-        mode = best.get("compile_mode")
-        how.append(f"compiled {mode}" if isinstance(mode, str) and mode else "compiled")
-    if flag("channels_last"):
-        how.append("channels_last")
-    return f"{best['samples_per_sec']:,.0f} ({', '.join(how)}, median of {int(best['repeats'])})"
 
 
 def param_count(run: Run, model: str) -> int | None:
@@ -85,34 +55,14 @@ def _trained(df: pd.DataFrame | None, model: str) -> str:
     return " | ".join(cells)
 
 
-HEADLINE_ATTACKS = [("FGSM", "fgsm", 0.1), ("PGD", "pgd", 0.1), ("AutoAttack", "autoattack", 0.1),
-                    ("worst case", "worst-case", 0.1), ("worst case", "worst-case", 0.3)]
-
-
-def attack_where(adv: pd.DataFrame | None, attack: str) -> dict[str, Any]:
-    """The row filter of an attack's headline number: the per-image worst case over its losses
-    (``any``) where the table has a loss column (runs before it had one attack row per eps)."""
-    if adv is None or "loss" not in adv.columns or attack == "autoattack":
-        return {"attack": attack}
-    return {"attack": attack, "loss": "any"}
-
-
 def headline(run: Run) -> pd.DataFrame:
-    """One row per model: parameters, clean, composite, FGSM/PGD/AutoAttack at 0.1, worst case at 0.1 and 0.3, speeds, device."""
-    t = run.tables
-    models = list(run.config.get("models", []))
-    adv = t.get("adversarial")  # select_rows keeps its white-box rows
+    """One row per model: parameters, how it was trained, clean accuracy, every headline number of
+    the parts the run ran (declared by each part: ``report/headline.py``), device."""
+    t, parts = run.tables, list(run.config.get("parts", []))
     rows = []
-    for m in models:
-        row = {"run": run.label + run.mark, "model": m, "params": _params(run, m), "trained": _trained(t.get("models"), m),
-               "clean %": accuracy_cell(per_seed(t.get("clean"), m)),
-               "composite %": accuracy_cell(per_seed(t.get("affine"), m, transform="composite"))}  # fmt: skip
-        for label, attack, eps in HEADLINE_ATTACKS:
-            row[f"{label} {eps} %"] = accuracy_cell(per_seed(adv, m, **attack_where(adv, attack), eps=eps))
-        row["train img/s"] = _speed(t.get("throughput"), m, "train")
-        row["inference img/s"] = _speed(t.get("throughput"), m, "inference")
-        row["device"] = run.env.get("device_name", "?")
-        rows.append(row)
+    for m in run.config.get("models", []):
+        row = {"run": run.label + run.mark, "model": m, "params": _params(run, m), "trained": _trained(t.get("models"), m)}
+        rows.append({**row, **headline_row(t, m, parts), "device": run.env.get("device_name", "?")})
     return pd.DataFrame(rows)
 
 
@@ -182,15 +132,12 @@ def build(runs: list[Run]) -> Blocks:
         b.add("h2", "Configuration differences")
         b.add("table", diff) if not diff.empty else b.add("p", "The runs' configurations are identical.")
     b.add("h2", "Headline")
+    parts = list(dict.fromkeys(p for r in runs for p in r.config.get("parts", [])))
     b.add("p", "Accuracies in % with a 95% interval: a Wilson interval over the n test images for one seed, a "
           "t-interval over seeds for several (mean ± std). Trained: test accuracy at the end of training, epochs, the "
           "convergence rule (summary.md), and BELOW THE FLOOR where a model misses its preset's accuracy floor, "
-          "so its numbers describe an under-trained model. Composite: the affNIST-style composite affine set. "
-          "White-box L-inf, eps in pixel units: FGSM and PGD (BIM: no random start) as the per-image worst case over "
-          "the attack losses each model provides (margin, ce, dlr); AutoAttack standard (APGD-CE, APGD-T, Square; "
-          "budget in the run's summary); worst case: an image is robust only if every attack and loss failed, the "
-          "headline robust accuracy. Speeds: images/s at the best batch size measured, median of the repeats.")  # fmt: skip
-    b.add("table", pd.concat([headline(r) for r in runs], ignore_index=True))
+          "so its numbers describe an under-trained model. " + headline_notes(parts))  # fmt: skip
+    b.add("table", pd.concat([headline(r) for r in runs], ignore_index=True).fillna("–"))
     for r in (r for r in runs if r.claims is not None):
         b.add("h2", f"Paper claims ({r.label}{r.mark})")
         b.add("p", "Verdict rule: reproduced = the 95% interval lies inside the claim's band; not reproduced = "

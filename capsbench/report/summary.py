@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from capsbench.report.format import accuracy_cell, format_accuracy, markdown_table
+from capsbench.report.headline import headline_notes, headline_row
 
 PAPER_GRADE = 0.99  # a preset whose accuracy floor is at least this trains paper-grade models
 
@@ -53,6 +54,13 @@ def clean_section(clean: pd.DataFrame) -> list[str]:
     return ["## Clean test accuracy", "", method, "", markdown_table(pd.DataFrame(rows)), ""]
 
 
+def headline_section(models: list[str], parts: list[str], tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The headline numbers of every model: clean accuracy and each part's own (the report's columns)."""
+    rows = [{"model": m, **headline_row(tables, m, parts)} for m in models]
+    return ["## Headline", "", "Accuracies in % with a 95% interval (Wilson for one seed, t over seeds). "
+            + headline_notes(parts), "", markdown_table(pd.DataFrame(rows)), ""]  # fmt: skip
+
+
 def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd.DataFrame],
                    claims: pd.DataFrame | None, files: list[str], wall: float) -> str:  # fmt: skip
     """The run's summary.md: protocol, models, clean accuracy, claims, each part's section (per
@@ -80,6 +88,7 @@ def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd
         "",
     ]
     out += models_section(runs, t.convergence_rule())
+    out += headline_section(list(r.models), list(r.parts), tables)
     if "clean" in tables:
         out += clean_section(tables["clean"])
     if claims is not None:

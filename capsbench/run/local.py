@@ -11,8 +11,9 @@ import torch
 
 from capsbench.core.device import describe, resolve_device
 from capsbench.run.evaluate import FigureSink, SeedRun, for_seed, run_seed, seed_parts
-from capsbench.run.jobs import JobOutcome, TrainJob, train_here
-from capsbench.suite import Resolved, RunRequest
+from capsbench.run.jobs import JobOutcome, train_here
+from capsbench.run.plan import Plan
+from capsbench.suite import Resolved
 from capsbench.train import distributed
 from capsbench.train.cache import as_recipe
 
@@ -46,21 +47,20 @@ class LocalExecutor:
         """Before any work: every rank takes an equal share of each batch."""
         distributed.check_batch(self.world, r.train.batch_size)
 
-    def train(self, jobs: list[TrainJob], r: Resolved, req: RunRequest, data: Any) -> dict[str, JobOutcome]:
+    def train(self, plan: Plan, data: Any) -> dict[str, JobOutcome]:
         """Every job here; under torchrun every rank trains each in DDP, then all leave the group
         (rank 0 evaluates alone: a part that trains, tta, must not wait for the others)."""
-        for job in jobs:  # before the first job trains: the parts' own models too (MultiMNIST's batch)
+        for job in plan.jobs:  # before the first job trains: the parts' own models too (MultiMNIST's batch)
             key, size = as_recipe(job.spec).batch_setting
             distributed.check_batch(self.world, size, key)
-        outcomes = train_here(jobs, r.device, req, data)
+        outcomes = train_here(list(plan.jobs), plan.device, plan.request, data)
         distributed.barrier(self.world)
         distributed.leave(self.world)
         self.world = distributed.World(self.world.rank, 1, self.world.local_rank)
         return outcomes
 
-    def evaluate(self, r: Resolved, req: RunRequest, seeds: list[int], data: Any, fresh: frozenset[str],
-                 sink: FigureSink) -> list[SeedRun]:  # fmt: skip
-        runs = []
+    def evaluate(self, plan: Plan, data: Any, fresh: frozenset[str], sink: FigureSink) -> list[SeedRun]:
+        r, req, seeds, runs = plan.suite, plan.request, plan.seeds, []
         for i, seed in enumerate(seeds):
             if len(seeds) > 1:
                 print(f"seed {seed} ({i + 1} of {len(seeds)})", file=sys.stderr)

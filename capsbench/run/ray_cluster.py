@@ -25,6 +25,7 @@ from capsbench.data import cache_dir
 from capsbench.report.folder import figure_png
 from capsbench.run.evaluate import SeedRun, context, for_seed, models_tables, needs_training, run_part, seed_parts
 from capsbench.run.jobs import JobOutcome, TrainJob, cache_path
+from capsbench.run.plan import Plan
 from capsbench.suite import Resolved, RunRequest
 
 RAY_MISSING = '--executor ray needs Ray, which is not installed: pip install -e ".[ray]" (or pip install "ray>=2.9")'
@@ -206,10 +207,11 @@ class RayExecutor:
 
     # ---- the two phases ----
 
-    def train(self, jobs: list[TrainJob], r: Resolved, req: RunRequest, data: Any) -> dict[str, JobOutcome]:
+    def train(self, plan: Plan, data: Any) -> dict[str, JobOutcome]:
         """Every job as a task; the driver's cache holds every entry afterwards."""
         from capsbench.train.cache import install_entry
 
+        jobs, r, req = list(plan.jobs), plan.suite, plan.request
         ray, root = self.ray, str(cache_dir(req.data_dir).resolve())
         self.data = ray.put(data)
         task = ray.remote(train_task).options(num_returns=2, max_retries=RETRIES, **self.resources(r.device))
@@ -227,32 +229,30 @@ class RayExecutor:
             raise one_line(failed, rest)
         return {o.key: o for o in outcomes.values()}
 
-    def evaluate(self, r: Resolved, req: RunRequest, seeds: list[int], data: Any, fresh: frozenset[str],
-                 sink: Any) -> list[SeedRun]:  # fmt: skip
-        ray = self.ray
+    def evaluate(self, plan: Plan, data: Any, fresh: frozenset[str], sink: Any) -> list[SeedRun]:
+        ray, r, req, seeds = self.ray, plan.suite, plan.request, list(plan.seeds)
         shown, req = req.progress, replace(req, data_dir=str(cache_dir(req.data_dir).resolve()), progress=False)
         task = ray.remote(eval_task).options(max_retries=RETRIES, **self.resources(r.device))
-        plan: dict[Any, tuple[int, str | None]] = {}
+        units: dict[Any, tuple[int, str | None]] = {}  # task -> (seed, part or None: the models)
         for i, seed in enumerate(seeds):
             rs, parts = for_seed(r, seed), seed_parts(r, i)
-            units = ([None] if needs_training(parts) else []) + list(parts)
-            for part in units:
+            for part in ([None] if needs_training(parts) else []) + list(parts):
                 name = f"{part or 'models'} (seed {seed})"
                 ref = task.remote(replace(rs, parts=parts), req, part, self.data, self.weights, fresh, self.board,
                                   name, self.threads(r.device))  # fmt: skip
-                plan[ref] = (seed, part)
-        labels = {ref: f"{part or 'models'} (seed {seed})" for ref, (seed, part) in plan.items()}
+                units[ref] = (seed, part)
+        labels = {ref: f"{part or 'models'} (seed {seed})" for ref, (seed, part) in units.items()}
         results, failed = self.wait_all(labels, "evaluation", shown)
         if failed:
             raise one_line(failed)
-        return self.seed_runs(r, seeds, plan, results, sink)
+        return self.seed_runs(r, seeds, units, results, sink)
 
-    def seed_runs(self, r: Resolved, seeds: list[int], plan: dict, results: dict, sink: Any) -> list[SeedRun]:
+    def seed_runs(self, r: Resolved, seeds: list[int], units: dict, results: dict, sink: Any) -> list[SeedRun]:
         """Assemble each seed's SeedRun from its tasks' results, in the local run's order."""
         from capsbench.run.evaluate import untrained
 
         runs = {seed: SeedRun(seed, {}) for seed in seeds}
-        for ref, (seed, part) in plan.items():
+        for ref, (seed, part) in units.items():
             run, out = runs[seed], results[ref]
             if part is None:
                 run.metas, run.clean, run.record = out

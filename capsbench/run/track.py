@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from capsbench.core.errors import CapsbenchError
-from capsbench.report.document import HEADLINE_ATTACKS, attack_where, best_speed_row, flatten, param_count, per_seed
+from capsbench.report.document import flatten, param_count
+from capsbench.report.headline import headline_metrics
 from capsbench.report.folder import Run, read_run
 
 TRACKERS = ("mlflow",)
@@ -175,33 +176,19 @@ def tags(run: Run, suite: str) -> dict[str, str]:
 
 def metrics(run: Run) -> dict[str, float]:
     """The report's headline numbers (document.headline) per model, as ``<metric>/<model>``:
-    accuracies as fractions (the mean over seeds), parameters, images/s; missing and NaN left out."""
-    t = run.tables
-    adv = t.get("adversarial")
+    parameters, how it was trained, then clean accuracy and every headline number the run's parts
+    declare (accuracies as fractions, the mean over seeds; images/s); missing and NaN left out."""
+    from capsbench.parts import load_parts
+
+    load_parts()  # the parts declare their headline numbers when they register
+    t, parts = run.tables, list(run.config.get("parts", []))
     out: dict[str, float | None] = {}
     for m in run.config.get("models", []):
         out[f"params/{m}"] = param_count(run, m)
         out[f"trained_accuracy/{m}"] = _column_mean(t.get("models"), m, "test_accuracy")
         out[f"trained_epochs/{m}"] = _column_mean(t.get("models"), m, "epochs")
-        out[f"clean_accuracy/{m}"] = mean_accuracy(per_seed(t.get("clean"), m))
-        out[f"composite_accuracy/{m}"] = mean_accuracy(per_seed(t.get("affine"), m, transform="composite"))
-        for _, attack, eps in HEADLINE_ATTACKS:
-            values = per_seed(adv, m, **attack_where(adv, attack), eps=eps)
-            out[f"{attack.replace('-', '_')}_eps{eps:g}_accuracy/{m}"] = mean_accuracy(values)
-        for mode in ("train", "inference"):
-            out[f"{mode}_images_per_s/{m}"] = best_speed(t.get("throughput"), m, mode)
+        out.update(headline_metrics(t, m, parts))
     return {key(k): float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
-
-
-def mean_accuracy(values: Sequence[tuple[float, int]]) -> float | None:
-    """The headline accuracy of per-seed (accuracy, n): the mean over seeds (None without rows)."""
-    return sum(a for a, _ in values) / len(values) if values else None
-
-
-def best_speed(df: Any, model: str, mode: str) -> float | None:
-    """The headline speed: the best median images/s over the measured settings (the row the report shows)."""
-    best = best_speed_row(df, model, mode)
-    return None if best is None else float(best["samples_per_sec"])
 
 
 def _column_mean(df: Any, model: str, column: str) -> float | None:
