@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated models to run instead of the suite's")
     p.add_argument("--out", metavar="DIR", help="write results here instead of results/<suite>/<time>-<id>/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any suite key")
-    g = p.add_argument_group("more than one machine (README: More than one machine)")
+    g = p.add_argument_group("more than one machine (docs/scaling.md)")
     g.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: every job in this process (default; under torchrun, training in DDP); ray: every "
                    "training job and every (seed, part) evaluation as a Ray task (pip install -e '.[ray]')")  # fmt: skip

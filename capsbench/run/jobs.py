@@ -126,7 +126,7 @@ def fresh_keys(outcomes: dict[str, JobOutcome]) -> frozenset[str]:
 
 def jobs_table(jobs: list[TrainJob], outcomes: dict[str, JobOutcome], runs: list[Any]) -> pd.DataFrame:
     """tables/jobs.csv: every training job and every (seed, part) with its wall time, the data
-    for sizing a cluster (README: More than one machine)."""
+    for sizing a cluster (docs/scaling.md)."""
     from capsbench.parts.base import JOB_COLUMNS
 
     rows = [{"phase": "train", "task": j.label, "seed": j.seed, "seconds": outcomes[j.key].seconds,
