@@ -222,7 +222,9 @@ def list_presets() -> list[dict[str, Any]]:
     for name, raw in load_presets().items():
         cfg = train_config(name)
         rows.append({"preset": name, "steps": cfg.steps, "batch": cfg.batch_size, "schedule": cfg.schedule,
-                     "floor": f"{100 * cfg.floor:g}%" if cfg.floor else "-", "description": raw.get("description", "")})
+                     "floor": f"{100 * cfg.floor:g}%" if cfg.floor else "-",
+                     "stop": f">= {100 * cfg.stop_at:g}%" if cfg.stop_at else "-",
+                     "description": raw.get("description", "")})  # fmt: skip
     return rows
 
 

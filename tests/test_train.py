@@ -238,3 +238,74 @@ def test_resume_after_sigkill_gives_identical_weights(fake_mnist, tmp_path):
     assert result.steps == 80
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# ---- early stopping (the paper's affNIST protocol: the model at the first evaluation >= a target) ----
+
+
+def _stop_cfg(**over):
+    return train_config("smoke", **{"steps": 40, "eval_every": 5, "checkpoint_every": 5, "log_every": 5,
+                                    "test_subset": 64, "stop_at": 0.95, **over})  # fmt: skip
+
+
+def test_a_run_stops_at_the_first_evaluation_reaching_the_target(fake_mnist):
+    from capsbench.train.convergence import training_record
+
+    model, result = _train(fake_mnist, _stop_cfg())
+    evals = [h for h in result.history if "epoch" in h]
+    assert result.steps < 40 and result.steps % 5 == 0 and result.test_accuracy >= 0.95
+    assert [h["step"] for h in evals][-1] == result.steps and all(h["test_accuracy"] < 0.95 for h in evals[:-1])
+    meta = {"steps": result.steps, "train": _stop_cfg().__dict__, "test_accuracy": result.test_accuracy,
+            "test_n": result.test_n, "history": result.history, "params": 1, "train_seconds": 1.0, "key": "k"}
+    rec = training_record("cnn-pooled", meta, _stop_cfg(), len(fake_mnist.train_x), 0, False)
+    assert not rec["converged"] and rec["convergence"].startswith("stopped at the first evaluation at or above 95%")
+    assert rec["images_seen"] == result.steps * 32 and rec["steps"] == result.steps
+
+
+@pytest.mark.slow
+def test_a_run_that_misses_the_target_trains_every_step_and_says_so(fake_mnist):
+    from capsbench.train.convergence import training_record
+
+    cfg = _stop_cfg(lr=1e-9, stop_at=0.99)  # cannot learn: accuracy stays near chance
+    _, result = _train(fake_mnist, cfg)
+    assert result.steps == 40 and result.test_accuracy < 0.99
+    meta = {"steps": 40, "train": cfg.__dict__, "test_accuracy": result.test_accuracy, "test_n": result.test_n,
+            "history": result.history, "params": 1, "train_seconds": 1.0, "key": "k"}
+    rec = training_record("cnn-pooled", meta, cfg, len(fake_mnist.train_x), 0, False)
+    assert rec["convergence"].startswith("target 99% not reached in 40 steps")
+
+
+@pytest.mark.slow
+def test_a_killed_early_stopping_run_resumes_to_the_same_stop_and_weights(fake_mnist, tmp_path):
+    cfg = _stop_cfg()
+    full, done = _train(fake_mnist, cfg)
+    assert done.steps > 5, "the kill below must land before the stop"
+
+    class Killed(Exception):
+        pass
+
+    ckpt = tmp_path / "ckpt.pt"
+    torch.manual_seed(0)
+    trainer = Trainer(build_model("cnn-pooled"), MnistTask(cfg, fake_mnist, CPU), ckpt, progress=False)
+    real_step = trainer.train_step
+
+    def dying_step(batch):  # dies in step 7, after the checkpoint (and evaluation) at step 5
+        if trainer.step == 6:
+            raise Killed
+        return real_step(batch)
+
+    trainer.train_step = dying_step
+    with pytest.raises(Killed):
+        trainer.run()
+    resumed, result = _train(fake_mnist, cfg, ckpt, seed=123)
+    assert result.steps == done.steps and result.test_accuracy == done.test_accuracy and result.resumed_from == [5]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_early_stopping_enters_the_cache_key_only_when_set():
+    plain = train_config("quick")
+    assert "stop_at" not in plain.weight_key() and "eval_every" not in plain.weight_key()
+    assert cache_key("cnn-pooled", {}, plain, CPU) != cache_key("cnn-pooled", {}, train_config("quick", stop_at=0.99), CPU)
+    stop = train_config("canvas-stop")
+    assert stop.weight_key()["stop_at"] == 0.992 and stop.input_size == 40 and "99.2%" in stop.stop_text()

@@ -24,8 +24,16 @@ def convergence(meta: dict[str, Any], cfg: TrainConfig, epoch_steps: int) -> tup
     steps of one epoch, the least distance between the two evaluations compared."""
     steps, planned = int(meta["steps"]), int(meta["train"]["steps"])
     evals = [h for h in meta.get("history", []) if "test_accuracy" in h and h.get("test_n") == meta["test_n"]]
+    target = float(meta["train"].get("stop_at", 0.0))
+    if target and steps < planned:
+        return False, (f"stopped at the first evaluation at or above {100 * target:g}%: "
+                       f"{100 * float(meta['test_accuracy']):.2f}% at step {steps} of {planned} "
+                       f"({steps / epoch_steps:.2f} epochs); not trained to convergence, as in the paper")  # fmt: skip
     if steps < planned:
         return False, f"stopped at step {steps} of {planned}"
+    if target and float(meta["test_accuracy"]) < target:
+        ok, why = convergence({**meta, "train": {**meta["train"], "stop_at": 0.0}}, cfg, epoch_steps)
+        return ok, f"target {100 * target:g}% not reached in {planned} steps; {why}"
     last = evals[-1] if evals else None
     before = [h for h in evals[:-1] if last is not None and h["step"] <= last["step"] - epoch_steps]
     if not before:

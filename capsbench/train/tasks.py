@@ -140,6 +140,8 @@ class MnistTask(Task):
         self.steps_per_epoch = max(n // cfg.batch_size, 1)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.order, self.order_epoch = torch.empty(0, dtype=torch.long), -1
+        self.eval_steps = cfg.eval_every or self.steps_per_epoch  # steps between test evaluations
+        self.last: dict[str, Any] | None = None  # the latest evaluation (final() reuses it at the same step)
 
     def epoch_order(self, epoch: int) -> Tensor:
         """The order (n,) of ``epoch`` on the device."""
@@ -166,14 +168,18 @@ class MnistTask(Task):
         return evaluate(model, self.test_x, self.test_y, lambda xb: test_inputs(self.cfg, xb), batch_size, self.dtype)
 
     def eval_due(self, step: int) -> bool:
-        return step % self.steps_per_epoch == 0 and step < self.steps  # an epoch's end; the last step has final()
+        return step % self.eval_steps == 0 and step < self.steps  # the last step has final()
 
     def evaluate(self, model: BenchModel, step: int, log: dict[str, Any]) -> Evaluation:
         acc, n = self.test_accuracy(model)
-        epoch = step // self.steps_per_epoch
-        row = {"step": step, "epoch": epoch, "test_accuracy": acc, "test_n": n}
-        return Evaluation(row, note=f"epoch {epoch} test accuracy {acc:.4f} (n={n})")
+        epoch = step / self.steps_per_epoch
+        self.last = {"step": step, "epoch": round(epoch, 3), "test_accuracy": acc, "test_n": n}
+        stop = bool(self.cfg.stop_at) and acc >= self.cfg.stop_at
+        why = f": at or above the target {100 * self.cfg.stop_at:g}%, stopping" if stop else ""
+        return Evaluation(self.last, stop, note=f"epoch {epoch:.2f} test accuracy {acc:.4f} (n={n}){why}")
 
     def final(self, model: BenchModel, step: int) -> dict[str, Any]:
+        if self.last is not None and self.last["step"] == step:  # stopped at an evaluation: its numbers
+            return {"step": step, "test_accuracy": self.last["test_accuracy"], "test_n": self.last["test_n"]}
         acc, n = self.test_accuracy(model)
         return {"step": step, "test_accuracy": acc, "test_n": n}
