@@ -82,6 +82,7 @@ def test_part_end_to_end(capsnet, fake_mnist):
     assert "No wrong predictions" not in res.summary
 
 
+@pytest.mark.slow
 def test_figures_show_the_expected_images_and_render(capsnet, fake_mnist):
     ctx = context({"capsnet": capsnet}, fake_mnist.test_x[:12], WRONG)
     figs = run_capsules(ctx, small_cfg()).figures

@@ -117,6 +117,7 @@ def test_generator_layers_combine_to_the_image(combine):
 # ---- the part ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_part_end_to_end_then_from_cache(fake_mnist, tmp_path):
     p = PARTS.get("multimnist")
     assert (p.config, p.run) == (mm.MultiMNISTConfig, mm.run_multimnist)
@@ -133,6 +134,7 @@ def test_part_end_to_end_then_from_cache(fake_mnist, tmp_path):
     assert list(again.tables["multimnist"].train_seconds) == list(df.train_seconds)
 
 
+@pytest.mark.slow
 def test_cached_weights_are_the_trained_ones(fake_mnist, tmp_path):
     ctx = context(fake_mnist, tmp_path, {})
     cfg = small_cfg(steps=2)
@@ -149,6 +151,7 @@ def test_cached_weights_are_the_trained_ones(fake_mnist, tmp_path):
     assert not other_seed.cached
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options", [("cnn-pooled", {}), ("capsnet", TINY_CAPS)])
 def test_killed_run_resumes_to_the_same_weights(fake_mnist, tmp_path, monkeypatch, name, options):
     cfg = small_cfg(steps=4, checkpoint_every=2)

@@ -178,6 +178,7 @@ def test_bad_ray_options(args, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_executor_ray_without_ray_says_what_to_install(tmp_path):
     """Ray made unimportable in a fresh interpreter (sys.modules["ray"] = None makes `import ray` fail)."""
     out = tmp_path / "out"

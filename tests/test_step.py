@@ -69,6 +69,7 @@ def assert_grads_close(got: dict, ref: dict, rel: float, norm: bool = False) -> 
             torch.testing.assert_close(got[name] / scale, g / scale, rtol=0, atol=rel, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iters", [1, 3])
 @pytest.mark.parametrize("reconstruction", [True, False])
 def test_compiled_channels_last_fp32_step_matches_the_eager_step(iters, reconstruction):
@@ -82,6 +83,7 @@ def test_compiled_channels_last_fp32_step_matches_the_eager_step(iters, reconstr
     assert_grads_close(grads_f, grads, 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iters", [1, 3])
 @pytest.mark.parametrize("reconstruction", [True, False])
 def test_bf16_compiled_step_matches_the_fp32_eager_step_loosely(iters, reconstruction):
@@ -128,6 +130,7 @@ def test_compiled_inference_keeps_the_routing_properties(options):
     torch.testing.assert_close(step(x).float(), out.scores.float(), rtol=0, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_compiled_cpu_fast_paths_match_eager_exactly_enough():
     """The CPU's spectral PrimaryCaps and parent-major routing (a custom autograd Function)
     survive graph capture, with their transforms as graph constants (not traced)."""
@@ -139,6 +142,7 @@ def test_compiled_cpu_fast_paths_match_eager_exactly_enough():
     assert_grads_close(grads_c, grads, 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS.names())
 def test_forward_and_loss_capture_as_one_graph(name):
     """No graph breaks in any registered model's GPU formulation under bf16 autocast: the whole

@@ -94,6 +94,7 @@ def test_count_macs_hand_computed():
     assert count_macs(conv, torch.rand(5, 2, 8, 8)) == 5 * 6 * 6 * 4 * 2 * 3 * 3
 
 
+@pytest.mark.slow
 def test_paper_capsnet_macs_match_the_facts_file():
     torch.manual_seed(0)
     model = build_model("capsnet").eval()  # the spectral PrimaryCaps on this CPU
@@ -122,6 +123,7 @@ def test_routing_variant_keeps_the_weights():
     assert not torch.equal(one(x).scores, tm.model(x).scores)
 
 
+@pytest.mark.slow
 def test_throughput_part_end_to_end_leaves_weights_untouched():
     ctx = tiny_context()
     before = {n: {k: v.clone() for k, v in tm.model.state_dict().items()} for n, tm in ctx.models.items()}
@@ -160,6 +162,7 @@ def test_out_of_memory_batches_are_skipped_with_a_note():
     assert "tiny-cnn: out of memory, skipped: inference 4" in res.summary
 
 
+@pytest.mark.slow
 def test_failed_compile_falls_back_to_eager_with_one_notice(monkeypatch):
     def broken_compile(model, *args, **kwargs):
         def call(*a, **k):
@@ -210,6 +213,7 @@ def test_bad_throughput_config_is_refused(values, match):
         from_dict(ThroughputConfig, values, where="throughput")
 
 
+@pytest.mark.slow
 def test_compile_mode_and_channels_last_are_settings_of_the_sweep(monkeypatch):
     seen = []
 

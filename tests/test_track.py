@@ -58,6 +58,7 @@ def only_run(uri: str):
 # --- no MLflow needed -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_importing_capsbench_does_not_import_mlflow():
     proc = python("import sys, capsbench.run.track, capsbench.cli; print('mlflow' in sys.modules)")
     assert proc.returncode == 0, proc.stderr

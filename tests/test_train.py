@@ -144,6 +144,7 @@ def test_cache_key_depends_on_what_determines_weights():
     assert base != cache_key("capsnet", {"routing_iters": 1}, cfg, torch.device("cuda"))
 
 
+@pytest.mark.slow
 def test_cache_returns_identical_weights_without_training(fake_mnist, cache_root):
     cfg = train_config("smoke", steps=4, test_subset=64)
     first = get_trained("capsnet", cfg, CPU, TINY_CAPS, progress=False, data=fake_mnist)

@@ -137,6 +137,7 @@ def test_part_is_registered_and_trains_its_own_models():
 # ---- the loop ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stops_at_the_first_evaluation_reaching_the_target(noisy_labels):
     """An unreachable target runs the whole budget (reached=False, NaN time); a target set to the
     best accuracy of that run then stops at its first evaluation at or above it, along the same
@@ -164,6 +165,7 @@ def test_stops_at_the_first_evaluation_reaching_the_target(noisy_labels):
     assert set(full.figures) == {"tta_curve"}
 
 
+@pytest.mark.slow
 def test_repeats_use_consecutive_seeds_and_a_time_budget(noisy_labels):
     cfg = TimeToAccuracyConfig(target=0.9, max_seconds=1e-6, **{**FAST, "repeats": 2})
     res = run_tta(context(noisy_labels, seed=5), cfg)
@@ -174,6 +176,7 @@ def test_repeats_use_consecutive_seeds_and_a_time_budget(noisy_labels):
     assert "0 of 2" in res.summary
 
 
+@pytest.mark.slow
 def test_first_evaluation_counts(fake_mnist):
     res = run_tta(context(fake_mnist), TimeToAccuracyConfig(target=1e-9, **FAST))
     row = res.tables["tta"].iloc[0]
