@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from itertools import product
 from types import SimpleNamespace
 
 import pandas as pd
@@ -13,6 +16,7 @@ from capsbench.core.config import from_dict
 from capsbench.core.errors import CapsbenchError
 from capsbench.models import BenchModel, build_model
 from capsbench.parts.adversarial import AdversarialConfig, example_eps, run_adversarial
+from capsbench.parts.adversarial_run import planned_steps
 from capsbench.parts.base import PARTS, RunContext
 from capsbench.train.config import TrainConfig
 from tests.conftest import synthetic_digits
@@ -137,11 +141,20 @@ def test_checks_are_recorded_with_keys_claims_know(part_result):
     assert "Reconstruction detector" in s and "log(l / (1 - l))" in s
 
 
-def test_part_is_seeded(part_result):
+def test_part_is_seeded_and_shows_its_progress(part_result, capsys):
     ctx, cfg, res = part_result
-    again = run_adversarial(ctx, cfg)
+    again = run_adversarial(dataclasses.replace(ctx, progress=True), cfg)
     for name in ("adversarial", "adversarial_autoattack", "adversarial_detection"):
         pd.testing.assert_frame_equal(again.tables[name], res.tables[name])
+    err = capsys.readouterr().err
+    # the sweep's bar, then one bar over AutoAttack, its checks and the reconstructive attack:
+    # per (model, eps) job its planned gradients and queries (2 batches of 16 of the 24 images)
+    jobs = len(list(product(ctx.models, cfg.strong_eps)))
+    total = jobs * planned_steps(cfg, "autoattack", 2) + len(cfg.strong_eps) * planned_steps(cfg, "reconstructive", 2)
+    assert "adversarial: 100%" in err and "adversarial: strong attacks:   0%" in err and f"{total}/{total}" in err
+    # what runs, e.g. "adversarial: capsnet eps 0.1 apgd-t:  40%" (tqdm redraws at most every 0.1 s)
+    assert re.search(r"adversarial: (capsnet|cnn-tiny) eps 0\.[13] (apgd-ce|apgd-t|square|apgd-ce 2x steps|"
+                     r"apgd-ce \+1 restarts|reconstructive): +\d+%", err)  # fmt: skip
 
 
 def test_precheck_refuses_a_loss_no_model_provides(trained_cnn):  # noqa: F811

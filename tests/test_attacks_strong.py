@@ -234,6 +234,19 @@ def test_autoattack_stages_only_ever_remove_robust_images(eps, trained_cnn, data
         assert torch.equal(prev, out.clean)
 
 
+def test_autoattack_reports_every_gradient_and_query_to_its_progress_callback(trained_cnn, data):  # noqa: F811
+    _, _, x, y = data
+    with torch.no_grad():
+        right = trained_cnn(x).scores.argmax(1) == y
+    x, y = x[right][:12], y[right][:12]  # every image starts robust, and 1e-4 leaves them so
+    seen: list[str] = []
+    attack = AutoAttack(trained_cnn, 1e-4, Budget(steps=4, targets=2, queries=6), batch_size=8, on_step=seen.append)
+    out = attack(x, y, gen())
+    assert out.robust_after["square"].all()
+    batches = 2  # 12 images in batches of 8: one call per batch and gradient (steps + 1 per run) or query
+    assert seen == ["apgd-ce"] * 5 * batches + ["apgd-t"] * 2 * 5 * batches + ["square"] * 7 * batches
+
+
 # ---- the reconstructive attack -------------------------------------------------------------
 
 

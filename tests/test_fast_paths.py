@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsbench.core.errors import CapsbenchError
+from capsbench.attacks import APGD, FGSM, PGD, ReconstructiveAttack, Square, TargetedFGSM
 from capsbench.models import build_model
+from capsbench.models.base import fast_input_grads
 from capsbench.models.routing import dynamic_routing, parent_major_routing
 from capsbench.models.spectral import frequencies, spectral_primary, supports
 
@@ -209,6 +211,66 @@ def test_auto_routing_is_parent_major_only_on_the_plain_fp32_cpu_path():
         assert not model.use_parent_major(x)
     assert not build_model("capsnet", routing_impl="plain", **TINY).use_parent_major(x)
     assert build_model("capsnet", routing_impl="parent-major", **TINY).use_parent_major(x.clone().requires_grad_())
+
+
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient (B, 1, S, S) of the summed margin loss with respect to the input, parameters frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = x.clone().requires_grad_()
+    return torch.autograd.grad(model.margin_loss(model(x).scores, y).sum(), x)[0]
+
+
+@pytest.mark.parametrize("reconstruction", [True, False])
+def test_fast_input_gradients_match_the_plain_ones(reconstruction):
+    """Iterative attacks take the fast paths for input gradients (``fast_input_grads``): the same
+    gradient as the direct convolution and autograd's routing, up to fp32 rounding."""
+    model = routing_matters(build_model("capsnet", reconstruction=reconstruction, **TINY)).eval()
+    x, y = torch.rand(5, 1, 28, 28), torch.randint(0, 10, (5,))
+    plain = input_grad(model, x, y)
+    with fast_input_grads(model):
+        assert model.use_spectral(x.clone().requires_grad_()) and model.use_parent_major(x.clone().requires_grad_())
+        fast = input_grad(model, x, y)
+    assert not model.allow_fast_input_grads  # restored
+    scale = plain.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(fast / scale, plain / scale, rtol=0, atol=1e-5)
+    # Exactly zero where the direct convolution's is (the last row and column, and pixels only
+    # dead Conv1 units see), so no sign of rounding noise for an attack to follow.
+    assert (plain[..., -1, :] == 0).all() and (plain[..., :, -1] == 0).all()
+    assert torch.equal(fast == 0, plain == 0)
+    assert torch.equal(fast.sign(), plain.sign())
+
+
+def spy_paths(model: nn.Module) -> list[bool]:
+    """Record, for every forward whose input needs a gradient, whether it took the spectral path."""
+    seen: list[bool] = []
+    use = model.use_spectral
+
+    def spy(x: torch.Tensor) -> bool:
+        fast = use(x)
+        if x.requires_grad:
+            seen.append(fast)
+        return fast
+
+    model.use_spectral = spy
+    return seen
+
+
+def test_iterative_attacks_take_the_fast_paths_single_step_attacks_the_plain_ones():
+    torch.manual_seed(0)
+    model = build_model("capsnet", **TINY).eval()
+    seen = spy_paths(model)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    for attack in (FGSM(model, 0.1), TargetedFGSM(model, 0.1)):
+        attack(x, y, target=(y + 1) % 10)
+    assert seen and not any(seen)  # FGSM moves near-zero-gradient pixels by eps: exact signs
+    seen.clear()
+    for attack in (PGD(model, 0.1, steps=2), APGD(model, 0.1, steps=2), ReconstructiveAttack(model, 0.1, steps=2)):
+        attack(x, y)
+    assert seen and all(seen)
+    Square(model, 0.1, queries=2)(x, y)  # forwards only: the fast paths as before
+    assert not model.allow_fast_input_grads
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -8,6 +8,8 @@ second-to-last). Budgets are arguments: the reference's are 100 steps, 9 targets
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -53,12 +55,16 @@ def stage_attack(name: str, model: BenchModel, eps: float, budget: Budget, dtype
 
 class AutoAttack:
     """Run ``stages`` in sequence on the still-robust images (one host sync per stage, none
-    inside an attack)."""
+    inside an attack). ``on_step(stage)``, if given, is called after every gradient or query
+    on a batch (a progress bar)."""
 
     def __init__(self, model: BenchModel, eps: float, budget: Budget = Budget(), dtype: torch.dtype | None = None,
-                 batch_size: int | None = None, stages: tuple[str, ...] = STANDARD) -> None:  # fmt: skip
+                 batch_size: int | None = None, stages: tuple[str, ...] = STANDARD,
+                 on_step: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.model, self.eps, self.dtype, self.batch_size = model, eps, dtype, batch_size
         self.attacks = {s: stage_attack(s, model, eps, budget, dtype, batch_size) for s in stages}
+        for name, attack in self.attacks.items():
+            attack.on_step = partial(on_step, name) if on_step is not None else None
 
     def predict(self, x: Tensor) -> Tensor:
         return batch_predictions(self.model, x, self.batch_size, self.dtype)

@@ -20,19 +20,20 @@ from capsbench.attacks.losses import resolve_loss
 from capsbench.core.device import autocast
 from capsbench.core.registry import Registry
 from capsbench.models import BenchModel, ModelOutput
-from capsbench.models.base import eval_mode
+from capsbench.models.base import eval_mode, fast_input_grads
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
 
 
 @contextlib.contextmanager
-def attack_mode(model: BenchModel) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; both restored afterwards."""
+def attack_mode(model: BenchModel, fast: bool = False) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration, and with ``fast`` the model's CPU fast
+    paths for input gradients too (``models.base.fast_input_grads``); all restored afterwards."""
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # no weight gradients: they cost as much as the input gradient
     try:
-        with eval_mode(model):
+        with eval_mode(model), fast_input_grads(model, fast):
             yield
     finally:
         for p, f in zip(model.parameters(), flags):
@@ -55,10 +56,15 @@ class Attack:
     stay fp32. ``batch_size``: examples per forward/backward pass (None = all at once).
     ``loss``: a name in ``attacks.losses.LOSSES`` or ``own``; a model that cannot provide it is
     refused here (ValueError), before any work.
+    ``fast_grads``: input gradients may take the model's CPU fast paths (CapsNet: about 2x
+    faster, rounding ~1e-6 of the largest entry; ``models.base.fast_input_grads``). True for
+    iterative and score-based attacks, which that rounding does not weaken; single-step attacks
+    keep the plain paths.
     """
 
     targeted = False  # True: needs ``target`` classes and succeeds when the prediction hits them
     default_loss = "own"
+    fast_grads = True
 
     def __init__(self, model: BenchModel, eps: float, dtype: torch.dtype | None = None,
                  batch_size: int | None = None, loss: str | None = None) -> None:  # fmt: skip
@@ -70,6 +76,7 @@ class Attack:
         # a 0-dim device tensor after a call with eps > 0, read by the caller when it wants.
         self.zero_grads: Tensor = torch.zeros((), dtype=torch.long)
         self._first_grad = False
+        self.on_step: Callable[[], None] | None = None  # called after every gradient or query (progress)
 
     def forward(self, x: Tensor) -> ModelOutput:
         with autocast(x.device, self.dtype):
@@ -89,7 +96,13 @@ class Attack:
         if self._first_grad:
             self.zero_grads = self.zero_grads + (grad.flatten(1).abs().amax(dim=1) == 0).sum()
             self._first_grad = False
+        self.stepped()
         return obj.detach(), grad, self.model.attack_scores(out).detach()
+
+    def stepped(self) -> None:
+        """One gradient or query on a batch done: tell ``on_step`` (a progress bar), if any."""
+        if self.on_step is not None:
+            self.on_step()
 
     def loss_grad(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
         """Gradient (B, 1, S, S) of the summed per-example objective with respect to ``x``."""
@@ -125,7 +138,7 @@ class Attack:
         self.zero_grads = torch.zeros((), dtype=torch.long, device=device)
         bs = self.batch_size or max(len(x), 1)
         out = []
-        with attack_mode(self.model), torch.enable_grad():
+        with attack_mode(self.model, self.fast_grads), torch.enable_grad():
             for i in range(0, len(x), bs):
                 self._first_grad = True
                 tb = target[i : i + bs] if target is not None else None
@@ -135,7 +148,11 @@ class Attack:
 
 class SingleStep(Attack):
     """One signed-gradient step: x + eps * sign(grad). The sign does not depend on eps, so an eps
-    sweep needs one gradient: :meth:`direction`, then :meth:`from_direction`."""
+    sweep needs one gradient: :meth:`direction`, then :meth:`from_direction`. Its gradient takes
+    the plain paths: a near-zero pixel gradient whose sign the fast paths' rounding flips would
+    move that pixel by eps the other way."""
+
+    fast_grads = False
 
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator | None, target: Tensor | None) -> Tensor:
         return x + self.eps * self.loss_grad(x, y, target).sign()

@@ -64,6 +64,7 @@ class Square(Attack):
         """(loss to decrease (B,), still correct (B,) bool), without gradients."""
         with torch.no_grad():
             out = self.forward(x)
+            self.stepped()
             return -self.objective(out, x, y, target), self.model.attack_scores(out).argmax(dim=1) == y
 
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator | None, target: Tensor | None) -> Tensor:

@@ -31,6 +31,9 @@ class BenchModel(nn.Module):
     own_loss: str = "ce"  # the attack-loss name (capsbench.attacks.losses) of the training loss
     score_kind = "logits"  # what ``ModelOutput.scores`` are: "logits", or "lengths" (capsule lengths)
     score_name = "logits"  # what ``attack_scores`` returns, for reports
+    # May the model's CPU fast paths run when the input needs a gradient? Off by default (their
+    # rounding differs from the plain paths'); ``fast_input_grads`` turns it on for a block.
+    allow_fast_input_grads = False
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:  # noqa: D102
         raise NotImplementedError
@@ -71,3 +74,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def fast_input_grads(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """For the duration, let ``model``'s CPU fast paths (CapsNet: spectral PrimaryCaps,
+    parent-major routing) compute input gradients too when ``on``; the previous setting restored
+    afterwards. For iterative attacks, which the fast paths' rounding (~1e-6 of the largest
+    gradient entry) does not weaken; single-step attacks, which move every pixel by eps along
+    its gradient's sign, keep the plain paths."""
+    before = getattr(model, "allow_fast_input_grads", False)
+    model.allow_fast_input_grads = on
+    try:
+        yield
+    finally:
+        model.allow_fast_input_grads = before

@@ -44,13 +44,13 @@ class CapsNetConfig:
     # How Conv1 + PrimaryCaps are computed: "direct" (F.conv2d), "spectral" (PrimaryCaps in the
     # frequency domain, ~4x fewer multiply-adds; see models/spectral.py), or "auto": spectral for
     # fp32 CPU training and inference, direct on a GPU (cuDNN), under autocast and when the input
-    # needs a gradient (attacks).
+    # needs a gradient (attacks), unless ``allow_fast_input_grads`` (iterative attacks).
     primary_conv: PrimaryConv = opt("auto", in_key=False)
     # How routing is computed: "plain" (broadcast multiply-and-sum over (B, N, C, D) predictions,
     # differentiated by autograd; torch.compile fuses it on a GPU), "parent-major" ((B, C, N, D)
     # predictions, batched matrix-vector products and a hand-written backward; see
     # models/routing.py), or "auto": parent-major where "auto" primary_conv picks spectral (fp32
-    # CPU, no autocast, no input gradient), plain elsewhere.
+    # CPU, no autocast, no input gradient unless allowed), plain elsewhere.
     routing_impl: RoutingImpl = opt("auto", in_key=False)
     recon_weight: float = opt(0.0005, ge=0)
     decoder_hidden: tuple[int, int] = opt((512, 1024), ge=1)
@@ -68,13 +68,46 @@ class CapsNetConfig:
         return self.primary_grid**2 * self.primary_types
 
 
-def cpu_fast_path(x: Tensor) -> bool:
+def cpu_fast_path(x: Tensor, input_grads: bool = False) -> bool:
     """Whether the "auto" options take the CPU fast paths for input x: fp32 on a CPU without
-    autocast (GPUs keep cuDNN and compiled routing), and no input gradient. Attacks keep the
-    plain paths: a fast path's rounding (~1e-7 of the largest gradient) flips the sign of
-    near-zero pixel gradients, and FGSM moves those pixels by eps."""
+    autocast (GPUs keep cuDNN and compiled routing), and no input gradient unless
+    ``input_grads`` (the model's ``allow_fast_input_grads``: iterative attacks). Single-step
+    attacks keep the plain paths: a fast path's rounding (~1e-6 of the largest gradient) could
+    flip the sign of a near-zero pixel gradient, and FGSM moves every pixel by eps."""
     plain = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return plain and not x.requires_grad
+    return plain and (input_grads or not x.requires_grad)
+
+
+class _ReachedPixels(torch.autograd.Function):
+    """Identity on x (B, Cin, S, S); its gradient is set to exactly zero at the pixels that no
+    live Conv1 unit inside PrimaryCaps' windows reaches, as the direct convolution's gradient is.
+    The spectral path's circular transforms give some of them rounding noise instead (~1e-6 of
+    the largest entry, through the Conv1 units of the last row and column, which no stride-2
+    window covers), whose sign an attack would follow."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, conv1: nn.Conv2d, covered: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.conv1, ctx.covered = conv1, covered
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * _reached(x, ctx.conv1, ctx.covered), None, None
+
+
+def _reached(x: Tensor, conv1: nn.Conv2d, covered: int) -> Tensor:
+    """(B, 1, S, S) bool: the pixels of x (B, Cin, S, S) in the window of at least one live
+    (positive) Conv1 unit among the first ``covered`` rows and columns."""
+    k, B = conv1.kernel_size[0], x.shape[0]
+    side = covered + k - 1
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # Conv1 as one GEMM (faster here than F.conv2d)
+        cols = F.unfold(x[..., :side, :side], k).transpose(1, 2).flatten(0, 1)  # (B * covered^2, Cin*k*k)
+        pre = torch.addmm(conv1.bias, cols, conv1.weight.flatten(1).t())  # (B * covered^2, C)
+        live = (pre.amax(dim=1) > 0).to(x.dtype).view(B, 1, covered, covered)
+        reached = F.max_pool2d(F.pad(live, (k - 1,) * 4), k, stride=1) > 0  # (B, 1, side, side)
+    return F.pad(reached, (0, x.shape[-1] - side, 0, x.shape[-2] - side))
 
 
 class CapsNet(BenchModel):
@@ -115,7 +148,8 @@ class CapsNet(BenchModel):
         """(B, 1, S, S) -> (B, N, 8) squashed primary capsules."""
         cfg = self.cfg
         if self.use_spectral(x):
-            p = spectral.spectral_primary(x, self.conv1, self.primary, self.cached_spectra(x))
+            xs = _ReachedPixels.apply(x, self.conv1, self.covered_side()) if x.requires_grad else x
+            p = spectral.spectral_primary(xs, self.conv1, self.primary, self.cached_spectra(x))
         else:
             p = self.primary(F.relu(self.conv1(x)))  # (B, 32*8, G, G), channel = type*8 + dim
         B, _, G, _ = p.shape
@@ -123,15 +157,20 @@ class CapsNet(BenchModel):
         p = p.reshape(B, cfg.primary_types, cfg.primary_dim, G, G).permute(0, 1, 3, 4, 2)
         return squash(p.reshape(B, -1, cfg.primary_dim))
 
+    def covered_side(self) -> int:
+        """Rows (and columns) of Conv1's output that PrimaryCaps' valid stride-2 windows cover
+        (19 of 20 at 28x28: the last row and column feed no capsule)."""
+        return (self.cfg.primary_grid - 1) * self.primary.stride[0] + self.primary.kernel_size[0]
+
     def use_spectral(self, x: Tensor) -> bool:
         mode = self.cfg.primary_conv
         if mode == "auto":
-            mode = "spectral" if cpu_fast_path(x) else "direct"
+            mode = "spectral" if cpu_fast_path(x, self.allow_fast_input_grads) else "direct"
         return mode == "spectral" and spectral.supports(x.shape[-1] - 8, 9, 2)
 
     def use_parent_major(self, x: Tensor) -> bool:
         mode = self.cfg.routing_impl
-        return mode == "parent-major" or (mode == "auto" and cpu_fast_path(x))
+        return mode == "parent-major" or (mode == "auto" and cpu_fast_path(x, self.allow_fast_input_grads))
 
     def cached_spectra(self, x: Tensor) -> Tensor | None:
         """PrimaryCaps' weight spectra, kept while no gradient is recorded and the weight is

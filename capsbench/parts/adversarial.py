@@ -8,11 +8,10 @@ from capsbench.parts.adversarial_run import (
     ADVERSARIAL_TABLES,
     AdversarialConfig,
     Evidence,
-    autoattack,
     make_inputs,
     precheck,
-    reconstructive,
     score_clean,
+    strong_attacks,
     sweep,
     worst_cases,
 )
@@ -57,13 +56,6 @@ def run_adversarial(ctx: RunContext, cfg: AdversarialConfig) -> PartResult:
     ev = Evidence()
     score_clean(ctx, cfg, data, ev)
     sweep(ctx, cfg, data, ev)
-    aa_eps = cfg.strong_eps
-    for name, tm in ctx.models.items():
-        if cfg.autoattack:
-            for eps in aa_eps:
-                autoattack(ctx, cfg, data, ev, name, eps)
-        if cfg.detect and tm.model.reconstructs and name in ev.detectors:
-            for eps in aa_eps:
-                reconstructive(ctx, cfg, data, ev, name, eps)
-    worst_cases(cfg, data, ev, list(ctx.models), [0.0] + aa_eps)
+    strong_attacks(ctx, cfg, data, ev)
+    worst_cases(cfg, data, ev, list(ctx.models), [0.0] + cfg.strong_eps)
     return build_result(ctx, cfg, data, ev)

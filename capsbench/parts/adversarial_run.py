@@ -12,8 +12,11 @@ eps and source model; loss ``any`` = the per-image worst case over the losses, a
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -169,6 +172,7 @@ class Evidence:
     errors: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)  # same key -> (err (k,), fooled (k,))
     clean_err: dict[str, Tensor] = field(default_factory=dict)  # model -> (n,) clean reconstruction errors
     clean_correct: dict[str, Tensor] = field(default_factory=dict)  # model -> (n,) bool, correct on x itself
+    clean_pred: dict[str, Tensor] = field(default_factory=dict)  # model -> (n,) predictions on x itself
     detectors: dict[str, Detector] = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)  # AutoAttack rows: model, eps, stage, n, budget
     stage_tally: Tally = field(default_factory=Tally)  # their robust / fooled / clean counts, by row index
@@ -209,7 +213,7 @@ def score_clean(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evide
     for name, tm in ctx.models.items():
         pred, err = predict_and_error(tm.model, data.x, cfg.batch_size, ctx.dtype)
         count(ev, (name, "clean", "-", 0.0, name), pred, data.y)
-        ev.clean_correct[name] = pred == data.y
+        ev.clean_correct[name], ev.clean_pred[name] = pred == data.y, pred
         count(ev, (name, "clean@pgd", "-", 0.0, name), pred[: data.pgd_n], data.y[: data.pgd_n])
         if err is not None and cfg.detect and len(data.x_val) >= 20:
             ev.clean_err[name] = err
@@ -247,8 +251,8 @@ def run_job(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence,
     else:
         adv = atk(x, y, gen, t)
     scored = ctx.models if (cfg.transfer and attack in TRANSFERRED) else {source: ctx.models[source]}
-    for name, tm in scored.items():  # at eps=0 too: the check must be able to fail
-        pred, err = predict_and_error(tm.model, adv, cfg.batch_size, ctx.dtype)
+    for name in scored:  # at eps=0 too: the check must be able to fail (unless adv is x itself)
+        pred, err = score(ctx, cfg, ev, name, adv, x)
         count(ev, (name, attack, loss, eps, source), pred, y, t)
         if name != source:
             continue
@@ -259,13 +263,26 @@ def run_job(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence,
             count(ev, (name, "fgsm@pgd", loss, eps, source), pred[: data.pgd_n], y[: data.pgd_n])
 
 
-def autoattack(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence, name: str, eps: float) -> None:
+def score(ctx: RunContext, cfg: AdversarialConfig, ev: Evidence, name: str, adv: Tensor,
+          x: Tensor) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Predictions (k,) and reconstruction errors (k,) or None of model ``name`` on ``adv`` (k, 1, S, S).
+    An attack that handed back its input ``x`` itself (eps = 0) gets the clean ones of
+    ``score_clean``: the same forward on the same batches of the same images, computed once."""
+    if adv is x:
+        err = ev.clean_err.get(name)
+        return ev.clean_pred[name][: len(x)], (err[: len(x)] if err is not None else None)
+    return predict_and_error(ctx.models[name].model, adv, cfg.batch_size, ctx.dtype)
+
+
+def autoattack(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence, name: str, eps: float,
+               bar: StepBar | None = None) -> None:  # fmt: skip
     """AutoAttack standard on the first pgd_n images, then the convergence and restart checks on
     the images it left; one row per stage (robust accuracy cumulative)."""
     model, k = ctx.models[name].model, data.pgd_n
     x, y = data.x[:k], data.y[:k]
     gen = torch.Generator(device=ctx.device).manual_seed(derive_seed(ctx.seed, int(round(eps * 1000))))
-    out = AutoAttack(model, eps, cfg.budget, ctx.dtype, cfg.batch_size, tuple(cfg.aa_stages))(x, y, gen)
+    on_step = bar.stepper(f"{name} eps {eps:g}") if bar is not None else None
+    out = AutoAttack(model, eps, cfg.budget, ctx.dtype, cfg.batch_size, tuple(cfg.aa_stages), on_step)(x, y, gen)
     robust = out.robust_after[cfg.aa_stages[-1]]
     stages = [(s, out.robust_after[s]) for s in cfg.aa_stages]
     ev.correct[(name, "autoattack", STANDARD_LOSS, eps)] = robust
@@ -276,10 +293,11 @@ def autoattack(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Eviden
     for stage, runs, steps in check_stages(cfg):
         robust = robust.clone()
         idx = robust.nonzero().squeeze(1)  # one host sync per check stage
-        if len(idx):
-            for _ in range(runs):
-                adv = APGD(model, eps, ctx.dtype, cfg.batch_size, "ce", steps=steps)(x[idx], y[idx], gen)
-                robust[idx] &= batch_predictions(model, adv, cfg.batch_size, ctx.dtype) == y[idx]
+        for _ in range(runs if len(idx) else 0):
+            atk = APGD(model, eps, ctx.dtype, cfg.batch_size, "ce", steps=steps)
+            atk.on_step = partial(on_step, stage) if on_step is not None else None
+            adv = atk(x[idx], y[idx], gen)
+            robust[idx] &= batch_predictions(model, adv, cfg.batch_size, ctx.dtype) == y[idx]
         stages.append((stage, robust))
         ev.correct[(name, stage, "ce", eps)] = robust
     budgets = {s: standard_budget(s, cfg.budget) for s in cfg.aa_stages}
@@ -304,17 +322,85 @@ def check_stages(cfg: AdversarialConfig) -> list[tuple[str, int, int]]:
     return out + ([(f"apgd-ce +{cfg.check_restarts} restarts", cfg.check_restarts, cfg.apgd_steps)] if cfg.check_restarts else [])
 
 
-def reconstructive(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence, name: str, eps: float) -> None:
+def reconstructive(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence, name: str, eps: float,
+                   bar: StepBar | None = None) -> None:  # fmt: skip
     """The reconstructive attack against this model's detector, on the first pgd_n images."""
     model, k = ctx.models[name].model, data.pgd_n
     x, y = data.x[:k], data.y[:k]
     atk = ReconstructiveAttack(model, eps, ctx.dtype, cfg.batch_size, "ce", steps=cfg.recon_steps,
                                threshold=ev.detectors[name].threshold, weight=cfg.recon_weight)  # fmt: skip
+    atk.on_step = partial(bar.stepper(f"{name} eps {eps:g}"), "reconstructive") if bar is not None else None
     adv = atk(x, y)
     pred, err = predict_and_error(model, adv, cfg.batch_size, ctx.dtype)
     count(ev, (name, "reconstructive", "ce", eps, name), pred, y)
     ev.correct[(name, "reconstructive", "ce", eps)] = pred == y
     ev.errors[(name, "reconstructive", "ce", eps)] = (err, pred != y)
+
+
+class StepBar:
+    """The progress bar of the attacks after the sweep (AutoAttack, its checks, the reconstructive
+    attack): one unit per gradient or query on a batch, ``planned`` per job. A job whose stages
+    ran on fewer images (only those still robust: fewer batches, or none) jumps to its planned end."""
+
+    def __init__(self, planned: list[int], enabled: bool) -> None:
+        self.bar = tqdm(total=sum(planned), desc="adversarial: strong attacks", unit="step", disable=not enabled,
+                        file=sys.stderr)  # fmt: skip
+        self.end, self.what = 0, ""
+
+    def stepper(self, job: str) -> Callable[[str], None]:
+        """``step(stage)`` for the job ``job``: one unit, the bar showing what runs."""
+        return lambda stage: self.step(f"adversarial: {job} {stage}")
+
+    def step(self, what: str) -> None:
+        if what != self.what:
+            self.what = what
+            self.bar.set_description_str(what, refresh=False)
+        self.bar.update(1)
+
+    def job_done(self, planned: int) -> None:
+        self.end += planned
+        self.bar.update(max(self.end - self.bar.n, 0))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def strong_jobs(ctx: RunContext, cfg: AdversarialConfig, ev: Evidence) -> list[tuple[str, str, float]]:
+    """(attack, model, eps) of the runs after the sweep, in order: per model AutoAttack (and its
+    checks) at each strong eps, then the reconstructive attack where the model has a detector."""
+    jobs = []
+    for name, tm in ctx.models.items():
+        if cfg.autoattack:
+            jobs += [("autoattack", name, eps) for eps in cfg.strong_eps]
+        if cfg.detect and tm.model.reconstructs and name in ev.detectors:
+            jobs += [("reconstructive", name, eps) for eps in cfg.strong_eps]
+    return jobs
+
+
+def planned_steps(cfg: AdversarialConfig, attack: str, batches: int) -> int:
+    """Gradients and queries (each on one batch) that an ``attack`` job makes on ``batches``
+    batches of images when every image stays robust (an APGD run: steps + 1; Square: queries + 1)."""
+    if attack == "reconstructive":
+        return batches * (cfg.recon_steps + 1)
+    b = cfg.budget
+    per_stage = {"apgd-ce": b.restarts * (b.steps + 1), "apgd-dlr": b.restarts * (b.steps + 1),
+                 "apgd-t": b.targets * b.restarts * (b.steps + 1), "square": b.queries + 1}  # fmt: skip
+    checks = sum(runs * (steps + 1) for _, runs, steps in check_stages(cfg))
+    return batches * (sum(per_stage[s] for s in cfg.aa_stages) + checks)
+
+
+def strong_attacks(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence) -> None:
+    """AutoAttack with its checks and the reconstructive attack, under one progress bar."""
+    jobs = strong_jobs(ctx, cfg, ev)
+    planned = [planned_steps(cfg, attack, math.ceil(data.pgd_n / cfg.batch_size)) for attack, _, _ in jobs]
+    bar = StepBar(planned, ctx.progress)
+    try:
+        for (attack, name, eps), steps in zip(jobs, planned):
+            run = autoattack if attack == "autoattack" else reconstructive
+            run(ctx, cfg, data, ev, name, eps, bar)
+            bar.job_done(steps)
+    finally:
+        bar.close()
 
 
 def worst_cases(cfg: AdversarialConfig, data: Inputs, ev: Evidence, models: list[str], eps_list: list[float]) -> None:
