@@ -96,14 +96,14 @@ def run(req: RunRequest) -> Path | None:
 
 def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: RunRequest) -> Path | None:
     from capsbench.data import load_mnist
-    from capsbench.run.plan import make_plan
+    from capsbench.run.plan import make_plan, resolve_run, run_seeds
 
-    data = load_mnist(req.data_dir)
-    plan = make_plan(raw, name, req, executor.device(req.device), data)
-    executor.check(plan.suite)
+    r, claims = resolve_run(raw, name, req, executor.device(req.device))
+    executor.check(r)
     if executor.main:
-        print_plan(plan.suite, list(plan.seeds), executor.describe(plan.device))
+        print_plan(r, list(run_seeds(r, req)), executor.describe(r.device))
     started = time.perf_counter()
+    plan = make_plan(r, claims, req, load_mnist(req.data_dir))
     env = {**run_environment(plan.suite), **executor.environment(plan.device)}
     outcomes = executor.train(plan, data)
     if not executor.main:

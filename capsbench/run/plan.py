@@ -31,12 +31,23 @@ class Plan:
         return self.suite.device
 
 
-def make_plan(raw: dict[str, Any], name: str, req: RunRequest, device: Any, data: Any) -> Plan:
-    """The run's plan from the suite file ``raw``, the request and the executor's ``device``."""
-    r = resolve(raw, name, req, device=device)
-    claims, r = select_claims(r, req.claims)
-    seeds = tuple(req.seeds) or (r.train.seed,)
+def resolve_run(raw: dict[str, Any], name: str, req: RunRequest, device: Any) -> tuple[Resolved, tuple[Any, ...] | None]:
+    """The checked configuration (parts narrowed to the claims) and the claims, from the suite file
+    ``raw``, the request and the executor's ``device``: every refusal of bad input happens here,
+    before any data is loaded."""
+    claims, r = select_claims(resolve(raw, name, req, device=device), req.claims)
+    return r, claims
+
+
+def make_plan(r: Resolved, claims: tuple[Any, ...] | None, req: RunRequest, data: Any) -> Plan:
+    """The run's plan: ``resolve_run``'s configuration and claims, the seeds, the training jobs."""
+    seeds = run_seeds(r, req)
     return Plan(r, req, seeds, claims, tuple(training_jobs(r, req, list(seeds), data)))
+
+
+def run_seeds(r: Resolved, req: RunRequest) -> tuple[int, ...]:
+    """--seeds, or the suite's seed."""
+    return tuple(req.seeds) or (r.train.seed,)
 
 
 def select_claims(r: Resolved, ids: tuple[str, ...]) -> tuple[tuple[Any, ...] | None, Resolved]:
