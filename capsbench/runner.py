@@ -103,7 +103,8 @@ def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: R
     if executor.main:
         print_plan(r, list(run_seeds(r, req)), executor.describe(r.device))
     started = time.perf_counter()
-    plan = make_plan(r, claims, req, load_mnist(req.data_dir))
+    data = load_mnist(req.data_dir)
+    plan = make_plan(r, claims, req, data)
     env = {**run_environment(plan.suite), **executor.environment(plan.device)}
     outcomes = executor.train(plan, data)
     if not executor.main:
