@@ -102,7 +102,6 @@ class Part:
     # Its sizes per training preset (preset -> config keys: test images, steps, budgets), stated
     # once here; the config's defaults are the `full` sizes, and suite files say only what differs.
     sizing: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    headline: tuple[Headline, ...] = ()  # its numbers in the report's headline, the summary and MLflow
 
     def sized(self, preset: str) -> dict[str, Any]:
         """The config keys this part sets for ``preset``; a preset it does not size gets `full`'s."""
@@ -132,11 +131,10 @@ def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_trai
         stray = [h.table for h in headline if h.table not in tabs]
         if stray:
             raise ValueError(f"part {name}: headline reads table {stray[0]!r}, which it does not write")
-        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck, jobs, sizes,
-                                  tuple(headline)))  # fmt: skip
+        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck, jobs, sizes))
         for table, columns in tabs.items():
             TABLES.register(table, part=name)(columns)
-        if headline:
+        if headline:  # its numbers in the report's headline, the summary and MLflow (report/ reads the registry)
             HEADLINES.register(name)(tuple(headline))
         return fn
 
