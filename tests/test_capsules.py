@@ -77,7 +77,7 @@ def test_part_end_to_end(capsnet, fake_mnist):
         "capsnet: zero-offset perturbation equals the reconstruction": True,
         "capsnet: coupling coefficients sum to 1 over parents": True}  # fmt: skip
     assert res.summary.startswith("## Capsules")
-    assert "- cnn-pooled: skipped (no class capsules with a decoder)." in res.summary
+    assert "- cnn-pooled: skipped (no class capsules with a decoder and routing)." in res.summary
     assert "| model | kind | n | mean_sse | seed |" in res.summary and "coupling_entropy" in res.summary
     assert "No wrong predictions" not in res.summary
 

@@ -23,7 +23,6 @@ from capsbench.parts.throughput import (
     ROUTING_COLUMNS,
     Budget,
     ThroughputConfig,
-    nominal,
     run_throughput,
     with_routing_iters,
 )  # fmt: skip
@@ -98,9 +97,9 @@ def test_count_macs_hand_computed():
 def test_paper_capsnet_macs_match_the_facts_file():
     torch.manual_seed(0)
     model = build_model("capsnet").eval()  # the spectral PrimaryCaps on this CPU
-    macs = count_macs(nominal(model), torch.rand(1, 1, 28, 28))
+    macs = count_macs(model.nominal(), torch.rand(1, 1, 28, 28))
     assert abs(macs / 203e6 - 1) < 0.10, macs
-    assert model.cfg.primary_conv == "auto" and nominal(model).cfg.primary_conv == "direct"
+    assert model.cfg.primary_conv == "auto" and model.nominal().cfg.primary_conv == "direct"
     x = torch.rand(64, 1, 28, 28)
     with torch.no_grad():
         model(x)  # the inference weight spectra, computed once and cached

@@ -56,6 +56,11 @@ class BenchModel(nn.Module):
         """Does ``forward`` return a class-conditional reconstruction (the DARCCC detector's input)?"""
         return False
 
+    def nominal(self) -> "BenchModel":
+        """The model as its paper computes it, for counting MACs (itself unless a faster path
+        computes the same function with fewer multiply-adds)."""
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

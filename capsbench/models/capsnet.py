@@ -7,6 +7,8 @@ summed over classes plus 0.0005 x the per-image sum of squared reconstruction er
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,8 +18,8 @@ from torch import Tensor, nn
 
 from capsbench.core.config import opt
 from capsbench.models import spectral
-from capsbench.models.base import BenchModel, ModelOutput
-from capsbench.models.losses import margin_loss
+from capsbench.models.base import ModelOutput
+from capsbench.models.capsule import CapsuleModel
 from capsbench.models.routing import dynamic_routing, parent_major_routing, squash
 
 PrimaryConv = Literal["auto", "direct", "spectral"]
@@ -110,13 +112,8 @@ def _reached(x: Tensor, conv1: nn.Conv2d, covered: int) -> Tensor:
     return F.pad(reached, (0, x.shape[-1] - side, 0, x.shape[-2] - side))
 
 
-class CapsNet(BenchModel):
+class CapsNet(CapsuleModel):
     """Conv1 -> PrimaryCaps -> DigitCaps (dynamic routing) -> optional decoder."""
-
-    loss_name = "margin loss (attacks: margin loss on capsule lengths)"
-    own_loss = "margin"
-    score_kind = "lengths"
-    score_name = "log(l / (1 - l)) of the capsule lengths l (= 2 log of the pre-squash norm)"
 
     def __init__(self, cfg: CapsNetConfig) -> None:
         super().__init__()
@@ -128,6 +125,9 @@ class CapsNet(BenchModel):
         self.cfg = cfg
         self.input_size = cfg.input_size
         self.num_classes = cfg.num_classes
+        self.class_dim, self.recon_weight = cfg.class_dim, cfg.recon_weight
+        self.m_plus, self.m_minus, self.lambda_ = cfg.m_plus, cfg.m_minus, cfg.lambda_
+        self.primary_layout = (cfg.primary_types, cfg.primary_grid)
         self.conv1 = nn.Conv2d(cfg.in_channels, cfg.conv_channels, 9)
         self.primary = nn.Conv2d(cfg.conv_channels, cfg.primary_types * cfg.primary_dim, 9, stride=2)
         # One 8x16 matrix per (child capsule, parent class), stored (N, C, D_out, D_in).
@@ -226,38 +226,15 @@ class CapsNet(BenchModel):
                 parts.append(dynamic_routing(u_hat, cfg.routing_iters, cfg.inner_routing_grad))
         return parts[0] if len(parts) == 1 else tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
 
-    def decode(self, capsules: Tensor, target: Tensor) -> Tensor:
-        """Decoder image (B, S*S) from class capsules (B, C, D), every capsule but ``target``'s
-        (B,) masked to zero: the reconstruction path of ``forward``."""
-        if self.decoder is None:
-            raise ValueError("this CapsNet has no decoder (built with reconstruction=False); nothing to decode")
-        mask = F.one_hot(target, self.num_classes).to(capsules.dtype)  # (B, C)
-        return self.decoder((capsules * mask.unsqueeze(-1)).flatten(1))
-
-    def margin_loss(self, lengths: Tensor, y: Tensor) -> Tensor:
-        """Per-example margin loss (B,), summed over classes (paper eq. 4)."""
-        cfg = self.cfg
-        t = F.one_hot(y, self.num_classes).to(lengths.dtype)  # (B, C)
-        return margin_loss(lengths, t, cfg.m_plus, cfg.m_minus, cfg.lambda_)
-
-    def objective(self, out: ModelOutput, x: Tensor, y: Tensor) -> Tensor:
-        loss = self.margin_loss(out.scores, y).mean()
-        if out.reconstruction is not None:
-            sse = ((out.reconstruction.float() - x.flatten(1).float()) ** 2).sum(dim=1)
-            loss = loss + self.cfg.recon_weight * sse.mean()
-        return loss
-
-    def attack_loss(self, out: ModelOutput, y: Tensor) -> Tensor:
-        return self.margin_loss(out.scores.float(), y)
-
-    def attack_scores(self, out: ModelOutput) -> Tensor:
-        """log(l / (1 - l)) of the lengths l (B, C): lengths are not logits (they live in [0, 1) and
-        a softmax over them is nearly flat). Since l = n^2 / (1 + n^2) for the pre-squash norm n,
-        this is 2 log n: monotone in l (same prediction), unbounded like logits, and steepest
-        where the margin loss is flat (l above m+ or below m-)."""
-        lengths = out.scores.float().clamp(1e-12, 1 - 1e-7)  # finite at l = 0 and l = 1 in fp32
-        return torch.log(lengths) - torch.log1p(-lengths)
-
     @property
-    def reconstructs(self) -> bool:
-        return self.decoder is not None
+    def routes(self) -> bool:
+        return True
+
+    def nominal(self) -> "CapsNet":
+        """The direct convolution for counting MACs: the spectral PrimaryCaps runs fewer
+        multiply-adds than the convolution it equals."""
+        if self.cfg.primary_conv == "direct":
+            return self
+        direct = copy.deepcopy(self)
+        direct.cfg = dataclasses.replace(self.cfg, primary_conv="direct")
+        return direct

@@ -22,7 +22,7 @@ from torch import Tensor
 from capsbench.attacks import FGSM
 from capsbench.core.config import opt
 from capsbench.core.device import autocast
-from capsbench.models import CapsNet
+from capsbench.models.capsule import CapsuleModel
 from capsbench.models.base import eval_mode
 from capsbench.models.scoring import forward_batches
 from capsbench.parts.base import Check, PartResult, RunContext, part
@@ -59,7 +59,7 @@ class Evaluated:
     coupling_dev: float  # max |sum_j c_ij - 1| over every child of every image
 
 
-def evaluate(ctx: RunContext, model: CapsNet, x: Tensor, y: Tensor, batch_size: int) -> Evaluated:
+def evaluate(ctx: RunContext, model: CapsuleModel, x: Tensor, y: Tensor, batch_size: int) -> Evaluated:
     preds, recons, devs = [], [], []
     for _, out in forward_batches(model, x, batch_size, ctx.dtype):
         preds.append(out.scores.argmax(1))
@@ -71,7 +71,7 @@ def evaluate(ctx: RunContext, model: CapsNet, x: Tensor, y: Tensor, batch_size: 
 
 
 @torch.no_grad()
-def perturbations(model: CapsNet, capsules: Tensor, target: Tensor) -> Tensor:
+def perturbations(model: CapsuleModel, capsules: Tensor, target: Tensor) -> Tensor:
     """Figure 4: decode capsule ``target`` (K,) of ``capsules`` (K, C, D) with one dimension at a
     time shifted by each offset, in fp32. Returns (K, D, 11, S*S); [:, :, STEPS] is unshifted."""
     K, C, D = capsules.shape
@@ -86,7 +86,7 @@ def perturbations(model: CapsNet, capsules: Tensor, target: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def routing(ctx: RunContext, model: CapsNet, x: Tensor, y: Tensor, cfg: CapsulesConfig) -> dict[str, tuple]:
+def routing(ctx: RunContext, model: CapsuleModel, x: Tensor, y: Tensor, cfg: CapsulesConfig) -> dict[str, tuple]:
     """condition -> (images (k, 1, S, S), predictions (k,), coupling (k, N, C)), clean and FGSM."""
     adv = FGSM(model, cfg.routing_eps, ctx.dtype, cfg.batch_size)(x, y)  # the model's own attack loss
     out = {}
@@ -222,7 +222,7 @@ def bar_chart(ax, runs: dict, j: int, label: int) -> None:
 # ---- the part -----------------------------------------------------------------------------
 
 
-def perturbation_part(name: str, model: CapsNet, x: Tensor, y: Tensor, chosen: Tensor) -> tuple[Figure, Check]:
+def perturbation_part(name: str, model: CapsuleModel, x: Tensor, y: Tensor, chosen: Tensor) -> tuple[Figure, Check]:
     """Figure 4 for the ``chosen`` test digits, and the check that offset 0 is the reconstruction."""
     with torch.no_grad(), eval_mode(model):
         out = model(x[chosen])  # fp32, no autocast: the zero-offset check is exact
@@ -234,7 +234,7 @@ def perturbation_part(name: str, model: CapsNet, x: Tensor, y: Tensor, chosen: T
     return perturbation_figure(name, grid, chosen.tolist(), y[chosen].tolist(), target.tolist()), check
 
 
-def model_part(ctx: RunContext, cfg: CapsulesConfig, name: str, model: CapsNet, x: Tensor, y: Tensor) -> PartResult:
+def model_part(ctx: RunContext, cfg: CapsulesConfig, name: str, model: CapsuleModel, x: Tensor, y: Tensor) -> PartResult:
     """Tables, figures, checks and notes of one CapsNet with a decoder."""
     ev = evaluate(ctx, model, x, y, cfg.batch_size)
     res = PartResult(figures={f"capsules_reconstructions_{name}": reconstructions_figure(name, ev, cfg.examples)})
@@ -250,8 +250,9 @@ def model_part(ctx: RunContext, cfg: CapsulesConfig, name: str, model: CapsNet, 
     runs = routing(ctx, model, x[:k], y[:k], cfg)
     res.tables["capsules_routing"] = pd.DataFrame(routing_rows(name, runs, y[:k], cfg.routing_eps, ctx.seed),
                                                   columns=CAPSULES_TABLES["capsules_routing"])
-    types = model.cfg.primary_types
-    res.figures[f"capsules_routing_{name}"] = routing_figure(name, runs, y[:k], types, cfg.routing_eps)
+    if model.primary_layout is not None:  # coupling maps need children laid out types x grid x grid
+        types = model.primary_layout[0]
+        res.figures[f"capsules_routing_{name}"] = routing_figure(name, runs, y[:k], types, cfg.routing_eps)
     dev = max([ev.coupling_dev] + [(c.sum(2) - 1).abs().max().item() for _, _, c in runs.values()])
     res.checks.append(Check(f"{name}: coupling coefficients sum to 1 over parents", dev < 1e-4,
                             f"max |sum_j c_ij - 1| = {dev:.2e} over {len(y)} clean and {k} FGSM images"))  # fmt: skip
@@ -271,8 +272,8 @@ def run_capsules(ctx: RunContext, cfg: CapsulesConfig) -> PartResult:
     x, y = ctx.test_inputs(ctx.test_x[:n]), ctx.test_y[:n]
     total, frames, notes = PartResult(), {}, []
     for name, tm in ctx.models.items():
-        if not (isinstance(tm.model, CapsNet) and tm.model.decoder is not None):
-            notes.append(f"{name}: skipped (no class capsules with a decoder).")
+        if not (isinstance(tm.model, CapsuleModel) and tm.model.reconstructs and tm.model.routes):
+            notes.append(f"{name}: skipped (no class capsules with a decoder and routing).")
             continue
         res = model_part(ctx, cfg, name, tm.model, x, y)
         total.figures.update(res.figures)

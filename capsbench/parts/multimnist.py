@@ -27,7 +27,8 @@ from capsbench.core.config import opt, weight_fields
 from capsbench.core.errors import CapsbenchError
 from capsbench.core.seeds import derive_seed
 from capsbench.data.multimnist import Combine, multimnist, two_digit_error
-from capsbench.models import BenchModel, CapsNet, ModelOutput, build_model, model_options
+from capsbench.models import BenchModel, ModelOutput, build_model, model_options
+from capsbench.models.capsule import CapsuleModel
 from capsbench.models.losses import margin_loss
 from capsbench.models.scoring import batch_scores
 from capsbench.parts.base import Check, PartResult, RunContext, part
@@ -80,24 +81,23 @@ def two_hot(labels: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(labels, num_classes).sum(dim=1).float()
 
 
-def capsnet_loss(model: CapsNet, x: Tensor, labels: Tensor, layers: Tensor) -> tuple[Tensor, ModelOutput]:
+def capsnet_loss(model: CapsuleModel, x: Tensor, labels: Tensor, layers: Tensor) -> tuple[Tensor, ModelOutput]:
     """Two-hot margin loss + recon_weight x sum over both digits of the per-image SSE between the
     digit's reconstruction and that digit alone (``layers`` (B, 2, 1, S, S)); batch mean, and the outputs."""
-    cfg = model.cfg
     out = model(x, labels[:, 0])  # in training mode the decoder is masked to the first digit
     target = two_hot(labels, model.num_classes)  # (B, C)
-    loss = margin_loss(out.scores.float(), target, cfg.m_plus, cfg.m_minus, cfg.lambda_)  # (B,)
-    if model.decoder is None:
+    loss = margin_loss(out.scores.float(), target, model.m_plus, model.m_minus, model.lambda_)  # (B,)
+    if not model.reconstructs:
         return loss.mean(), out
     recons = (out.reconstruction, model.decode(out.capsules, labels[:, 1]))  # 2 x (B, S*S)
     sse = sum(((r.float() - layers[:, k].flatten(1)) ** 2).sum(dim=1) for k, r in enumerate(recons))
-    return (loss + cfg.recon_weight * sse).mean(), out
+    return (loss + model.recon_weight * sse).mean(), out
 
 
 def multilabel_loss(model: BenchModel, x: Tensor, labels: Tensor, layers: Tensor) -> tuple[Tensor, ModelOutput]:
     """The MultiMNIST training loss (batch mean) and the outputs: CapsNet's above; any other model's
     scores are logits of independent sigmoids, trained with binary cross-entropy summed over classes."""
-    if isinstance(model, CapsNet):
+    if isinstance(model, CapsuleModel):
         return capsnet_loss(model, x, labels, layers)
     out = model(x)
     logits = out.scores.float()  # (B, C)
@@ -308,7 +308,7 @@ def examples_figure(models: dict[str, TrainedModel], x: Tensor, labels: Tensor, 
     rows = [(x[:k], "input", titles)]
     rows += [(layers[:k, d], f"digit {d + 1} alone", [str(t[d]) for t in truth]) for d in range(2)]
     for name, tm in models.items():
-        if isinstance(tm.model, CapsNet) and tm.model.decoder is not None:
+        if isinstance(tm.model, CapsuleModel) and tm.model.reconstructs:
             v = tm.model(x[:k]).capsules
             for d in range(2):
                 target = torch.tensor([p[d] for p in preds[name]], device=x.device)

@@ -26,7 +26,7 @@ from capsbench.core.allocator import cpu_allocator_tuned
 from capsbench.core.config import Precision, opt, weight_fields
 from capsbench.core.device import amp_dtype, describe
 from capsbench.core.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
-from capsbench.models import BenchModel, CapsNet, CapsNetConfig, build_model
+from capsbench.models import BenchModel, CapsNetConfig, build_model
 from capsbench.parts.base import Check, PartResult, RunContext, part
 from capsbench.report.format import markdown_table
 from capsbench.report.headline import Headline
@@ -121,16 +121,6 @@ def measure(model: BenchModel, mode: str, batch: int, options: StepOptions, cfg:
             "peak_mem_mb": peak_memory_mb(device, baseline), "compile_s": compile_s}  # fmt: skip
 
 
-def nominal(model: BenchModel) -> BenchModel:
-    """The model as the paper computes it, for counting MACs: CapsNet's spectral PrimaryCaps runs
-    fewer multiply-adds than the convolution it equals, so the count uses the direct one."""
-    if not isinstance(model, CapsNet) or model.cfg.primary_conv == "direct":
-        return model
-    direct = copy.deepcopy(model)
-    direct.cfg = dataclasses.replace(model.cfg, primary_conv="direct")
-    return direct
-
-
 def run_info(ctx: RunContext) -> dict[str, Any]:
     """Device and version metadata repeated on every row."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -166,7 +156,7 @@ def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputCo
     batches first, so the time budget cuts the largest ones."""
     S = model.input_size
     static = {"params": model.num_params(), "repeats": cfg.repeats, "seed": ctx.seed,
-              "macs_per_sample": count_macs(nominal(model), torch.rand(2, 1, S, S, device=ctx.device)) // 2,
+              "macs_per_sample": count_macs(model.nominal(), torch.rand(2, 1, S, S, device=ctx.device)) // 2,
               "routing_iters": routing_iters_of(model) or math.nan, **info}  # fmt: skip
     settings = list(itertools.product(sorted(set(cfg.batch_sizes)), cfg.dtypes, cfg.channels_last, cfg.compile,
                                       cfg.modes))  # fmt: skip
@@ -292,9 +282,10 @@ def run_throughput(ctx: RunContext, cfg: ThroughputConfig) -> PartResult:
 
 def is_paper_capsnet(model: BenchModel) -> bool:
     """The paper's MNIST CapsNet at 28x28, the configuration whose MACs the facts file states."""
-    if not isinstance(model, CapsNet):
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, CapsNetConfig):
         return False
-    return weight_fields(model.cfg) == weight_fields(CapsNetConfig())  # speed options aside
+    return weight_fields(cfg) == weight_fields(CapsNetConfig())  # speed options aside
 
 
 def macs_checks(ctx: RunContext, df: pd.DataFrame) -> list[Check]:
