@@ -63,18 +63,29 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from capsbench.models import MODELS
     from capsbench.train import distributed
 
-    MODELS.get(args.model)  # unknown model: clear error before anything else
+    models = train_models(args.model, args.models)  # unknown model: clear error before anything else
     world, device = distributed.init(resolve_device(args.device))  # torchrun: join the ranks, take this one's GPU
     try:
-        return train_model(args, world, device)
+        for name in models:
+            train_model(args, name, world, device)
+        return 0
     finally:
         distributed.leave(world)
 
 
-def train_model(args: argparse.Namespace, world: Any, device: Any) -> int:
+def train_models(model: str | None, models: str | None) -> list[str]:
+    """The names `train` was given (MODEL and/or --models), a user's FILE.py:NAME registered."""
+    from capsbench.models import model_name
+
+    specs = ([model] if model else []) + list(names(models))
+    if not specs:
+        raise CapsbenchError("name the model to train: `train MODEL` or `train --models A,B` (see `list models`)")
+    return list(dict.fromkeys(model_name(s) for s in specs))
+
+
+def train_model(args: argparse.Namespace, name: str, world: Any, device: Any) -> int:
     """`train` in this process, or as one of torchrun's ranks (rank 0 prints and writes)."""
     from capsbench.data.mnist import SHAPES
     from capsbench.train import distributed
@@ -97,21 +108,21 @@ def train_model(args: argparse.Namespace, world: Any, device: Any) -> int:
     options = sets.get("model", {})
     ranks = f" x {world.size} ranks (torchrun, DDP: {cfg.batch_size // world.size} per rank)" if world.active else ""
     say = print if world.main else (lambda *a, **k: None)
-    say(f"train {args.model}: preset {preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
+    say(f"train {name}: preset {preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
         f"augment {cfg.augment}, seed {cfg.seed}, device {describe(device)}{ranks}")  # fmt: skip
     t0 = time.perf_counter()
-    tm = get_trained(args.model, cfg, device, options, root=args.data_dir, progress=not args.no_progress)
+    tm = get_trained(name, cfg, device, options, root=args.data_dir, progress=not args.no_progress)
     wall = time.perf_counter() - t0
     if not world.main:
         return 0
     m = tm.meta
     how = "from the cache" if tm.cached else f"trained in {m['train_seconds']:.1f}s ({m['train_images_per_s']:.0f} img/s)"
-    print(f"{args.model}: test accuracy {m['test_accuracy']:.4f} (n={m['test_n']}), {how}; wall {wall:.1f}s")
-    rec = training_record(args.model, m, cfg, SHAPES["train_x"][0], cfg.seed, tm.cached)
+    print(f"{name}: test accuracy {m['test_accuracy']:.4f} (n={m['test_n']}), {how}; wall {wall:.1f}s")
+    rec = training_record(name, m, cfg, SHAPES["train_x"][0], cfg.seed, tm.cached)
     floor = "" if cfg.floor <= 0 else f"; preset floor {100 * cfg.floor:g}% {'met' if rec['meets_floor'] else 'NOT MET'}"
     print(f"  {rec['images_seen']:,} images seen ({rec['epochs']:.2f} epochs); converged: "
           f"{'yes' if rec['converged'] else 'no'} ({rec['convergence']}){floor}")  # fmt: skip
-    print(model_folder(args.model, m["key"], args.data_dir))
+    print(model_folder(name, m["key"], args.data_dir))
     return 0
 
 
@@ -205,6 +216,7 @@ def list_tables() -> list[dict[str, Any]]:
 def list_models() -> list[dict[str, Any]]:
     from capsbench.models import MODELS, build_model
 
+    MODELS.load_entry_points()  # installed packages' models (the capsbench.models entry points)
     rows = []
     for name in MODELS.names():
         rows.append({
@@ -301,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train a model (or reuse the cached weights)",
                        description="Train a registered model on MNIST, or return it from the cache when the "
                        "same model, options, training config and seed were trained before.")  # fmt: skip
-    p.add_argument("model", help="a model name (see `list models`)")
+    p.add_argument("model", nargs="?", help="a model name (see `list models`) or your FILE.py:NAME (docs/models.md)")
+    p.add_argument("--models", metavar="A,B,...", help="comma-separated models (names or FILE.py:NAME) trained in turn")
     p.add_argument("--preset", help="training preset (default: full on a GPU, quick on a CPU); see `list presets`")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -321,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claims", metavar="ID1,ID2,...",
                    help="evaluate these paper claims (see `list claims`) and run only the parts they need; "
                    "`run paper` evaluates all of them by default")  # fmt: skip
-    p.add_argument("--models", help="comma-separated models to run instead of the suite's")
+    p.add_argument("--models", metavar="A,B,...",
+                   help="comma-separated models to run instead of the suite's: names (see `list models`) or your "
+                   "own model as FILE.py:NAME, a builder returning an nn.Module (docs/models.md)")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="write results here instead of results/<suite>/<time>-<id>/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any suite key")
     g = p.add_argument_group("more than one machine (docs/scaling.md)")

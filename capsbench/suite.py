@@ -109,7 +109,7 @@ def _check_list(value: Any, key: str) -> list[str]:
 def resolve(raw: dict[str, Any], name: str, req: RunRequest, device: torch.device | None = None) -> Resolved:
     """Layers: suite file, its [preset.<name>] table, then the request's sets / models / seed.
     ``device``: the executor's (a Ray cluster's GPUs), instead of resolving req.device here."""
-    from capsbench.models import MODELS, model_options
+    from capsbench.models import model_name, model_options
 
     device = device or resolve_device(req.device)
     preset = req.preset or default_preset(device)
@@ -130,8 +130,8 @@ def resolve(raw: dict[str, Any], name: str, req: RunRequest, device: torch.devic
     train = train_config(preset, **train_over)
     models = {}
     model_tables = merged.get("model", {})
-    for m in _check_list(merged.get("models"), "models"):
-        MODELS.get(m)
+    for spec in _check_list(merged.get("models"), "models"):
+        m = model_name(spec)  # a registered name; a user's FILE.py:NAME is loaded and registered
         models[m] = model_options(m, **{"input_size": train.input_size, **model_tables.get(m, {})})
     stray = sorted(set(model_tables) - set(models))
     if stray:

@@ -68,7 +68,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 BAD_INPUT = [
-    (["train", "capsule"], ["unknown model 'capsule'", "capsnet, cnn-paper, cnn-pooled"]),
+    (["train", "capsule"], ["unknown model 'capsule'", "known models: capsnet, capsnet-attention"]),
     (["train", "capsnet", "--preset", "huge"], ["unknown preset 'huge'", "smoke"]),
     (["train", "capsnet", "--set", "train.stepz=3"], ["unknown key train.stepz", "steps"]),
     (["train", "capsnet", "--set", "train.steps=many"], ["train.steps: expected int", "many"]),

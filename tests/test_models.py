@@ -51,7 +51,7 @@ def test_every_model_trains_through_the_common_interface(name):
 
 
 def test_unknown_model_lists_known_ones():
-    with pytest.raises(CapsbenchError, match="unknown model 'capsule'.*capsnet, cnn-paper, cnn-pooled"):
+    with pytest.raises(CapsbenchError, match="unknown model 'capsule'; known models: capsnet, .*cnn-paper, cnn-pooled, efficient-capsnet, matrix-capsnet-em"):
         build_model("capsule")
 
 

@@ -6,7 +6,8 @@ dict becomes a dataclass; a class's own ``validate(where)`` keeps only rules tha
 fields. Unknown keys, wrong types, values outside the vocabulary or the bounds are refused with
 the key's name and what is allowed. ``in_key=False`` marks fields that do not change what a
 training run computes (logging cadence, speed options), which ``weight_fields`` leaves out of
-the weight cache key.
+the weight cache key; ``keyed="unless-default"`` marks fields added after cache keys existed,
+which enter the key only when set to something else than their default (older keys stay valid).
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ C = TypeVar("C")
 # on CUDA and fp32 on the CPU. "off" is accepted as an older spelling of "fp32".
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISION_ALIASES = {"off": "fp32"}
+# When a field enters the weight cache key: always, or only when it differs from its default.
+Keyed = Literal["always", "unless-default"]
 
 
 def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
         gt: float | None = None, le: float | None = None, lt: float | None = None, finite: bool = False,
-        nonempty: bool = False, in_key: bool = True, aliases: dict[str, str] | None = None) -> Any:  # fmt: skip
+        nonempty: bool = False, in_key: bool = True, keyed: Keyed = "always",
+        aliases: dict[str, str] | None = None) -> Any:  # fmt: skip
     """A dataclass field with bounds (each element's, for a list), ``finite`` numbers,
-    ``nonempty`` lists, aliases for old spellings, and ``in_key`` (False: not part of the weight
-    cache key)."""
+    ``nonempty`` lists, aliases for old spellings, ``in_key`` (False: not part of the weight
+    cache key) and ``keyed`` ("unless-default": in the key only when not the default)."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "finite": finite, "nonempty": nonempty, "in_key": in_key,
-            "aliases": aliases or {}}  # fmt: skip
+            "keyed": keyed, "aliases": aliases or {}}  # fmt: skip
     return dataclasses.field(default=default, default_factory=factory, metadata={"capsbench": meta})
 
 
@@ -75,8 +79,19 @@ def check_fields(obj: Any, where: str = "") -> None:
 
 
 def weight_fields(obj: Any) -> dict[str, Any]:
-    """The dataclass ``obj`` as a dict without its ``in_key=False`` fields."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if _meta(f).get("in_key", True)}
+    """The dataclass ``obj`` as a dict without its ``in_key=False`` fields, nor its
+    ``keyed="unless-default"`` fields that hold their default."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if _in_key(f, getattr(obj, f.name))}
+
+
+def _in_key(f: dataclasses.Field, value: Any) -> bool:
+    m = _meta(f)
+    if not m.get("in_key", True):
+        return False
+    if m.get("keyed", "always") == "unless-default":
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        return value != default
+    return True
 
 
 def _type_name(tp: Any) -> str:

@@ -3,24 +3,30 @@
 Exactly the paper's MNIST network: 8,215,568 parameters at 28x28 with the decoder,
 6,804,224 without it (see shared/capsnet-facts.md). Loss in the paper's form: margin loss
 summed over classes plus 0.0005 x the per-image sum of squared reconstruction errors.
+The ``routing`` option swaps the routing between the votes and the class capsules for another
+head of ``models/heads`` (EM, self-routing, attention, uniform, pooling); dynamic by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capsbench.core.config import opt
+from capsbench.core.errors import CapsbenchError
 from capsbench.models import spectral
 from capsbench.models.base import ModelOutput
 from capsbench.models.capsule import CapsuleModel
-from capsbench.models.routing import dynamic_routing, parent_major_routing, squash
+from capsbench.models.heads import HEADS, HeadSpec, Routed, build_head
+from capsbench.models.heads.uniform import UniformHead
+from capsbench.models.routing import squash
 
 PrimaryConv = Literal["auto", "direct", "spectral"]
 RoutingImpl = Literal["auto", "plain", "parent-major"]
@@ -37,6 +43,9 @@ class CapsNetConfig:
     primary_dim: int = opt(8, ge=1)
     class_dim: int = opt(16, ge=1)
     routing_iters: int = opt(3, ge=1)
+    # The routing head (models/heads): in the cache key only when not "dynamic", so CapsNets
+    # cached before heads existed keep their key.
+    routing: str = opt("dynamic", keyed="unless-default")
     reconstruction: bool = True
     inner_routing_grad: bool = True  # official code backpropagates through every iteration
     # Speed options (in_key=False: the same function and weights, so the same cached model):
@@ -59,6 +68,12 @@ class CapsNetConfig:
     m_plus: float = 0.9
     m_minus: float = 0.1
     lambda_: float = opt(0.5, ge=0)
+
+    def validate(self, where: str = "") -> None:
+        if self.routing not in HEADS:
+            prefix = f"{where}." if where else ""
+            raise CapsbenchError(f"{prefix}routing: unknown routing head {self.routing!r}; "
+                                 f"known heads: {', '.join(HEADS.names())}")  # fmt: skip
 
     @property
     def primary_grid(self) -> int:
@@ -113,7 +128,7 @@ def _reached(x: Tensor, conv1: nn.Conv2d, covered: int) -> Tensor:
 
 
 class CapsNet(CapsuleModel):
-    """Conv1 -> PrimaryCaps -> DigitCaps (dynamic routing) -> optional decoder."""
+    """Conv1 -> PrimaryCaps -> DigitCaps (votes W, then the routing head) -> optional decoder."""
 
     def __init__(self, cfg: CapsNetConfig) -> None:
         super().__init__()
@@ -130,8 +145,16 @@ class CapsNet(CapsuleModel):
         self.primary_layout = (cfg.primary_types, cfg.primary_grid)
         self.conv1 = nn.Conv2d(cfg.in_channels, cfg.conv_channels, 9)
         self.primary = nn.Conv2d(cfg.conv_channels, cfg.primary_types * cfg.primary_dim, 9, stride=2)
-        # One 8x16 matrix per (child capsule, parent class), stored (N, C, D_out, D_in).
-        self.W = nn.Parameter(0.01 * torch.randn(cfg.num_primary, cfg.num_classes, cfg.class_dim, cfg.primary_dim))
+        # The head owns its own parameters (none for dynamic: the state-dict keys stay W, conv1,
+        # primary, decoder) and draws no random numbers, so W is the same for the same seed.
+        spec = HeadSpec(cfg.num_primary, cfg.num_classes, cfg.class_dim, cfg.primary_dim, cfg.routing_iters,
+                        cfg.inner_routing_grad, self.primary_layout)  # fmt: skip
+        self.head = build_head(cfg.routing, spec)
+        # One 8x16 matrix per (child capsule, parent class), stored (children, C, D_out, D_in);
+        # children = N, or the capsule types for the pooling heads.
+        votes = (self.head.num_children, cfg.num_classes, cfg.class_dim, cfg.primary_dim)
+        self.W = nn.Parameter(0.01 * torch.randn(votes))
+        self._uniform_votes = False  # set by uniform_votes()
         self.decoder = self._decoder(cfg) if cfg.reconstruction else None
         self._spectra: tuple | None = None  # (key, PrimaryCaps weight spectra) for inference
 
@@ -169,6 +192,8 @@ class CapsNet(CapsuleModel):
         return mode == "spectral" and spectral.supports(x.shape[-1] - 8, 9, 2)
 
     def use_parent_major(self, x: Tensor) -> bool:
+        if not self.head.has_parent_major:
+            return False
         mode = self.cfg.routing_impl
         return mode == "parent-major" or (mode == "auto" and cpu_fast_path(x, self.allow_fast_input_grads))
 
@@ -209,26 +234,37 @@ class CapsNet(CapsuleModel):
             recon = self.decode(v, target)
         return ModelOutput(lengths, v, recon, c, b)
 
-    def route(self, u: Tensor, parent_major: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """Predictions and routing (in fp32) for primary capsules u (B, N, 8), in chunks of
-        ``routing_chunk`` examples (each example is routed on its own either way), by
-        ``dynamic_routing`` or, with ``parent_major``, by ``parent_major_routing``."""
+    def route(self, u: Tensor, parent_major: bool = False) -> Routed:
+        """Votes and routing (in fp32) for primary capsules u (B, N, 8), in chunks of
+        ``routing_chunk`` examples (each example is routed on its own either way), by the
+        routing head (the uniform one inside ``uniform_votes``); ``parent_major`` asks the
+        dynamic head for its CPU formulation."""
         cfg = self.cfg
+        head = UniformHead(self.head.spec) if self._uniform_votes else self.head  # no parameters: built per call
+        u = self.head.child_capsules(u)  # (B, children, 8): pooled for the pooling heads
         chunk = cfg.routing_chunk or (CPU_ROUTING_CHUNK if u.device.type == "cpu" else len(u))
         w = self.prediction_weights()  # one copy (and one gradient) for every chunk
         parts = []
         for p in u.split(chunk):  # split, not slicing: a slice's backward allocates a full-batch gradient per chunk
             u_hat = self.predictions(p, w).float()  # (b, N, C, D), a view of (N, b, C, D)
-            if parent_major:
-                parts.append(parent_major_routing(u_hat.transpose(1, 2).contiguous(), cfg.routing_iters,
-                                                  cfg.inner_routing_grad))  # fmt: skip
-            else:
-                parts.append(dynamic_routing(u_hat, cfg.routing_iters, cfg.inner_routing_grad))
-        return parts[0] if len(parts) == 1 else tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
+            parts.append(head(u_hat, p, parent_major))
+        if len(parts) == 1:
+            return parts[0]
+        return Routed(*(None if t[0] is None else torch.cat(t) for t in zip(*parts)))
 
     @property
     def routes(self) -> bool:
-        return True
+        return self.head.routes
+
+    @contextlib.contextmanager
+    def uniform_votes(self) -> Iterator[None]:
+        """For the duration, class capsules from the uniform head on the same votes (the vote
+        attack's surrogate, Gu, Wu & Tresp 2021); the model's own head afterwards, even on errors."""
+        before, self._uniform_votes = self._uniform_votes, True
+        try:
+            yield
+        finally:
+            self._uniform_votes = before
 
     def nominal(self) -> "CapsNet":
         """The direct convolution for counting MACs: the spectral PrimaryCaps runs fewer

@@ -98,3 +98,8 @@ class CapsuleModel(BenchModel):
 
 def is_capsule_model(model: nn.Module) -> bool:
     return isinstance(model, CapsuleModel)
+
+
+def has_votes(model: nn.Module) -> bool:
+    """Does ``model`` implement ``uniform_votes`` (a surrogate for the vote attack)?"""
+    return isinstance(model, CapsuleModel) and type(model).uniform_votes is not CapsuleModel.uniform_votes

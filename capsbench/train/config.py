@@ -51,8 +51,8 @@ class TrainConfig:
     # the expanded test set, not trained to convergence): test accuracy every `eval_every` steps
     # (0 = at each epoch's end), and the run ends at the first evaluation at or above `stop_at`
     # (0 = train every step). Both enter the cache key only when set, so older keys stay valid.
-    stop_at: float = opt(0.0, ge=0, le=1)
-    eval_every: int = opt(0, ge=0)
+    stop_at: float = opt(0.0, ge=0, le=1, keyed="unless-default")
+    eval_every: int = opt(0, ge=0, keyed="unless-default")
 
     def validate(self, where: str = "train") -> None:
         if self.warmup_steps >= self.steps:
@@ -79,8 +79,7 @@ class TrainConfig:
     def weight_key(self) -> dict[str, Any]:
         """The fields that determine the trained weights (logging, checkpoint cadence and speed
         options do not); the early-stopping fields only when set (keys from before them stay valid)."""
-        key = weight_fields(self)
-        return {k: v for k, v in key.items() if k not in KEYED_WHEN_SET or v}
+        return weight_fields(self)
 
     def stop_text(self) -> str:
         """The stop rule in words ("" when the run trains every step)."""
@@ -88,9 +87,6 @@ class TrainConfig:
             return ""
         every = f"every {self.eval_every} steps" if self.eval_every else "at each epoch's end"
         return f"stops at the first test evaluation ({every}) at or above {100 * self.stop_at:g}%"
-
-
-KEYED_WHEN_SET = ("stop_at", "eval_every")  # fields added after cache keys existed: in the key only when non-zero
 
 
 def load_presets() -> dict[str, dict[str, Any]]:
