@@ -67,9 +67,11 @@ def test_part_tables_have_every_attack_and_loss(part_result):
     # margin is CapsNet's alone; every model gets ce and dlr, plus the per-image worst case `any`
     assert set(caps[caps.attack == "fgsm"].loss) == {"margin", "ce", "dlr", "any"}
     assert set(cnn[cnn.attack == "fgsm"].loss) == {"ce", "dlr", "any"}
-    assert set(wb.attack) == {"fgsm", "pgd", "noise", "fgsm-targeted", "autoattack", "worst-case", "reconstructive"}
+    assert set(wb.attack) == {"fgsm", "pgd", "noise", "fgsm-targeted", "autoattack", "worst-case", "reconstructive",
+                            "vote"}
     assert "reconstructive" not in set(cnn.attack)  # no decoder, no reconstructive attack
-    assert set(wb[wb.attack.isin(["pgd", "autoattack", "worst-case", "reconstructive"])].n) == {24}
+    assert "vote" not in set(cnn.attack)  # no votes, no vote attack
+    assert set(wb[wb.attack.isin(["pgd", "autoattack", "worst-case", "reconstructive", "vote"])].n) == {24}
     assert set(wb[wb.attack.isin(["fgsm", "noise", "fgsm-targeted"])].n) == {40}
     assert set(wb[wb.attack == "worst-case"].eps) == {0.0, 0.1, 0.3}
     assert (df.correct == (df.accuracy * df.n).round()).all()
@@ -150,11 +152,13 @@ def test_part_is_seeded_and_shows_its_progress(part_result, capsys):
     # the sweep's bar, then one bar over AutoAttack, its checks and the reconstructive attack:
     # per (model, eps) job its planned gradients and queries (2 batches of 16 of the 24 images)
     jobs = len(list(product(ctx.models, cfg.strong_eps)))
-    total = jobs * planned_steps(cfg, "autoattack", 2) + len(cfg.strong_eps) * planned_steps(cfg, "reconstructive", 2)
+    capsule_jobs = len(cfg.strong_eps)  # one capsule model: the reconstructive and the vote attack
+    total = (jobs * planned_steps(cfg, "autoattack", 2) + capsule_jobs * planned_steps(cfg, "reconstructive", 2)
+             + capsule_jobs * planned_steps(cfg, "vote", 2))
     assert "adversarial: 100%" in err and "adversarial: strong attacks:   0%" in err and f"{total}/{total}" in err
     # what runs, e.g. "adversarial: capsnet eps 0.1 apgd-t:  40%" (tqdm redraws at most every 0.1 s)
     assert re.search(r"adversarial: (capsnet|cnn-tiny) eps 0\.[13] (apgd-ce|apgd-t|square|apgd-ce 2x steps|"
-                     r"apgd-ce \+1 restarts|reconstructive): +\d+%", err)  # fmt: skip
+                     r"apgd-ce \+1 restarts|reconstructive|vote): +\d+%", err)  # fmt: skip
 
 
 def test_precheck_refuses_a_loss_no_model_provides(trained_cnn):  # noqa: F811

@@ -95,7 +95,7 @@ def trained_caps(data):
 
 # Small budgets so every registered attack runs in a fraction of a second on the tiny models.
 BUDGETS = {"apgd": {"steps": 5}, "apgd-t": {"steps": 3, "targets": 2}, "square": {"queries": 20},
-           "reconstructive": {"steps": 3}}  # fmt: skip
+           "reconstructive": {"steps": 3}, "vote": {"steps": 3}}  # fmt: skip
 
 
 def make(name: str, model: BenchModel, eps: float, **kw) -> Attack:
@@ -108,8 +108,9 @@ def run(atk: Attack, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | No
 
 
 def model_for(name: str, cnn: BenchModel, caps_dec: BenchModel) -> BenchModel:
-    """The tiny trained CNN, or the tiny CapsNet with a decoder for attacks that need one."""
-    return caps_dec if name == "reconstructive" else cnn
+    """The tiny trained CNN, or the tiny CapsNet with a decoder for attacks that need capsules
+    (the reconstructive attack its decoder, the vote attack its votes)."""
+    return caps_dec if name in ("reconstructive", "vote") else cnn
 
 
 def test_registry_has_the_attacks():
@@ -148,7 +149,7 @@ def test_pgd_projects_large_steps_and_random_start(trained_cnn, full_range):
 def test_mode_and_requires_grad_restored(name, data):
     _, _, x, y = data
     torch.manual_seed(0)
-    model = build_model("capsnet", **TINY_CAPS) if name == "reconstructive" else tiny_cnn()
+    model = build_model("capsnet", **TINY_CAPS) if name in ("reconstructive", "vote") else tiny_cnn()
     model.train()
     next(model.parameters()).requires_grad_(False)  # a mixed state must come back as it was
     flags = [p.requires_grad for p in model.parameters()]

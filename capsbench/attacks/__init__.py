@@ -11,7 +11,8 @@ from capsbench.attacks.noise import SignNoise
 from capsbench.attacks.pgd import PGD
 from capsbench.attacks.reconstructive import ReconstructiveAttack
 from capsbench.attacks.square import Square
+from capsbench.attacks.vote import VoteAttack
 
 __all__ = ["APGD", "ATTACKS", "Attack", "AttackLoss", "AutoAttack", "Budget", "FGSM", "LOSSES", "PGD",
-           "ReconstructiveAttack", "STANDARD", "SignNoise", "SingleStep", "Square", "TargetedAPGD", "TargetedFGSM",
+           "ReconstructiveAttack", "STANDARD", "SignNoise", "SingleStep", "Square", "TargetedAPGD", "TargetedFGSM", "VoteAttack",
            "attack_mode", "model_device", "project", "resolve_loss"]  # fmt: skip

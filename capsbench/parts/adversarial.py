@@ -25,11 +25,12 @@ __all__ = ["ADVERSARIAL_TABLES", "AdversarialConfig", "example_eps", "run_advers
 # images with 1,000 held out for the detector); suite files override what they need.
 SIZING = {
     "smoke": dict(n=64, pgd_steps=2, eps=[0.0, 0.1, 0.3], examples=3, apgd_steps=4, apgd_targets=2,
-                  square_queries=10, check_restarts=1, recon_steps=3, detect_val_n=64),
+                  square_queries=10, check_restarts=1, recon_steps=3, vote_steps=3, detect_val_n=64),
     "quick": dict(n=500, pgd_n=200, pgd_steps=5, eps=[0.0, 0.1, 0.3], batch_size=100, apgd_steps=20, apgd_targets=3,
-                  square_queries=200, check_restarts=1, recon_steps=20, detect_val_n=500),
+                  square_queries=200, check_restarts=1, recon_steps=20, vote_steps=20, detect_val_n=500),
     "standard": dict(n=500, pgd_n=200, pgd_steps=10, eps=[0.0, 0.1, 0.2, 0.3], batch_size=250, apgd_steps=25,
-                     apgd_targets=3, square_queries=300, check_restarts=1, recon_steps=20, detect_val_n=1000),
+                     apgd_targets=3, square_queries=300, check_restarts=1, recon_steps=20, vote_steps=20,
+                     detect_val_n=1000),
     "full": dict(n=9000),
 }  # fmt: skip
 WHITE_BOX = ("FGSM and PGD (BIM: no random start) as the per-image worst case over the attack losses each model "

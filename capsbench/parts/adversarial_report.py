@@ -48,15 +48,15 @@ def build_result(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evid
 
 def steps_of(attack: str, cfg: AdversarialConfig) -> float:
     table = {"fgsm": 1, "fgsm-targeted": 1, "noise": 0, "pgd": cfg.pgd_steps, "autoattack": cfg.apgd_steps,
-             "reconstructive": cfg.recon_steps}  # fmt: skip
+             "reconstructive": cfg.recon_steps, "vote": cfg.vote_steps}  # fmt: skip
     return table.get(attack, math.nan)
 
 
 def step_size_of(attack: str, eps: float, cfg: AdversarialConfig) -> float:
     if attack == "pgd":
         return cfg.step_size(eps)
-    if attack == "reconstructive":
-        return madry_step(eps, cfg.recon_steps)
+    if attack in ("reconstructive", "vote"):
+        return madry_step(eps, cfg.recon_steps if attack == "reconstructive" else cfg.vote_steps)
     return eps if attack in ("fgsm", "fgsm-targeted", "noise") else math.nan
 
 
@@ -247,7 +247,10 @@ def protocol_note(ctx: RunContext, cfg: AdversarialConfig, data: Inputs) -> str:
         f"AutoAttack standard (Croce & Hein 2020) at eps {cfg.strong_eps}: {' -> '.join(cfg.aa_stages)}, each on the "
         f"images still robust; {b.steps} APGD steps, {b.targets} APGD-T targets, {b.restarts} restart(s), "
         f"{b.queries} Square queries ({'the reference budget' if reference else 'REDUCED from the reference 100 steps, 9 targets, 5,000 queries'}); "
-        "FAB-T left out. Worst case: an image counts as robust only if it is correct on the clean input and every attack and loss failed on it. "
+        "FAB-T left out. "
+        + (f"Vote attack (Gu et al. 2021) on capsule models with votes: {cfg.vote_steps} PGD steps on the surrogate "
+           "that averages the votes uniformly instead of routing, scored on the real model. " if cfg.vote else "")
+        + "Worst case: an image counts as robust only if it is correct on the clean input and every attack and loss failed on it. "
         "Robust accuracy is unconditional (correct on adversarial / all images). Cells: accuracy [95% Wilson interval]."
     )
 
@@ -262,7 +265,7 @@ def summary(df: pd.DataFrame, clean: pd.DataFrame, aa: pd.DataFrame, det: pd.Dat
     if not worst.empty:
         out += [f"**Worst case** per image over every attack and loss (n={worst.n.iloc[0]}): the headline robust accuracy",
                 "", eps_table(worst, ["model"]), ""]  # fmt: skip
-    heads = wb[wb.attack.isin(["fgsm", "pgd", "fgsm-targeted", "autoattack", "reconstructive"]) | (wb.attack == "noise")]
+    heads = wb[wb.attack.isin(["fgsm", "pgd", "fgsm-targeted", "autoattack", "reconstructive", "vote"]) | (wb.attack == "noise")]
     out += ["**Each attack and loss** (white-box accuracy)", "", eps_table(heads, ["attack", "loss", "model"]), ""]
     if not aa.empty:
         cells = aa.assign(accuracy=[ci(r, n) for r, n in zip(aa.robust, aa.n)])

@@ -33,12 +33,14 @@ from capsbench.attacks import (
     Budget,
     ReconstructiveAttack,
     SingleStep,
+    VoteAttack,
 )
 from capsbench.attacks.pgd import madry_step
 from capsbench.core.config import opt
 from capsbench.core.errors import CapsbenchError
 from capsbench.core.seeds import derive_seed
 from capsbench.models import BenchModel
+from capsbench.models.capsule import has_votes
 from capsbench.models.scoring import batch_predictions
 from capsbench.parts.base import RunContext
 from capsbench.parts.detection import Detector, fit_detector, predict_and_error
@@ -89,6 +91,10 @@ class AdversarialConfig:
     detect_val_n: int = opt(1000, ge=1)
     recon_steps: int = opt(50, ge=1)
     recon_weight: float = opt(10.0, ge=0, finite=True)
+    # The vote attack (Gu et al. 2021) on capsule models with votes: PGD for `vote_steps` steps on
+    # the uniform-vote surrogate, scored on the real model, at each aa_eps (in the worst case).
+    vote: bool = True
+    vote_steps: int = opt(100, ge=1)
 
     def validate(self, where: str) -> None:
         if any(b <= a for a, b in zip(self.eps, self.eps[1:])):
@@ -337,6 +343,22 @@ def reconstructive(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Ev
     ev.errors[(name, "reconstructive", "ce", eps)] = (err, pred != y)
 
 
+def vote(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence, name: str, eps: float,
+         bar: StepBar | None = None) -> None:  # fmt: skip
+    """The vote attack (PGD on the uniform-vote surrogate) on the first pgd_n images, scored on
+    the real model: its per-image correctness joins the worst case."""
+    model, k = ctx.models[name].model, data.pgd_n
+    x, y = data.x[:k], data.y[:k]
+    atk = VoteAttack(model, eps, ctx.dtype, cfg.batch_size, "ce", steps=cfg.vote_steps)
+    atk.on_step = partial(bar.stepper(f"{name} eps {eps:g}"), "vote") if bar is not None else None
+    adv = atk(x, y)
+    pred, err = predict_and_error(model, adv, cfg.batch_size, ctx.dtype)
+    count(ev, (name, "vote", "ce", eps, name), pred, y)
+    ev.correct[(name, "vote", "ce", eps)] = pred == y
+    if err is not None and name in ev.detectors:
+        ev.errors[(name, "vote", "ce", eps)] = (err, pred != y)
+
+
 class StepBar:
     """The progress bar of the attacks after the sweep (AutoAttack, its checks, the reconstructive
     attack): one unit per gradient or query on a batch, ``planned`` per job. A job whose stages
@@ -367,21 +389,24 @@ class StepBar:
 
 def strong_jobs(ctx: RunContext, cfg: AdversarialConfig, ev: Evidence) -> list[tuple[str, str, float]]:
     """(attack, model, eps) of the runs after the sweep, in order: per model AutoAttack (and its
-    checks) at each strong eps, then the reconstructive attack where the model has a detector."""
+    checks) at each strong eps, then the reconstructive attack where the model has a detector, then
+    the vote attack where it has votes."""
     jobs = []
     for name, tm in ctx.models.items():
         if cfg.autoattack:
             jobs += [("autoattack", name, eps) for eps in cfg.strong_eps]
         if cfg.detect and tm.model.reconstructs and name in ev.detectors:
             jobs += [("reconstructive", name, eps) for eps in cfg.strong_eps]
+        if cfg.vote and has_votes(tm.model):
+            jobs += [("vote", name, eps) for eps in cfg.strong_eps]
     return jobs
 
 
 def planned_steps(cfg: AdversarialConfig, attack: str, batches: int) -> int:
     """Gradients and queries (each on one batch) that an ``attack`` job makes on ``batches``
     batches of images when every image stays robust (an APGD run: steps + 1; Square: queries + 1)."""
-    if attack == "reconstructive":
-        return batches * (cfg.recon_steps + 1)
+    if attack in ("reconstructive", "vote"):
+        return batches * ((cfg.recon_steps if attack == "reconstructive" else cfg.vote_steps) + 1)
     b = cfg.budget
     per_stage = {"apgd-ce": b.restarts * (b.steps + 1), "apgd-dlr": b.restarts * (b.steps + 1),
                  "apgd-t": b.targets * b.restarts * (b.steps + 1), "square": b.queries + 1}  # fmt: skip
@@ -390,13 +415,13 @@ def planned_steps(cfg: AdversarialConfig, attack: str, batches: int) -> int:
 
 
 def strong_attacks(ctx: RunContext, cfg: AdversarialConfig, data: Inputs, ev: Evidence) -> None:
-    """AutoAttack with its checks and the reconstructive attack, under one progress bar."""
+    """AutoAttack with its checks, the reconstructive attack and the vote attack, under one progress bar."""
     jobs = strong_jobs(ctx, cfg, ev)
     planned = [planned_steps(cfg, attack, math.ceil(data.pgd_n / cfg.batch_size)) for attack, _, _ in jobs]
     bar = StepBar(planned, ctx.progress)
     try:
         for (attack, name, eps), steps in zip(jobs, planned):
-            run = autoattack if attack == "autoattack" else reconstructive
+            run = {"autoattack": autoattack, "reconstructive": reconstructive, "vote": vote}[attack]
             run(ctx, cfg, data, ev, name, eps, bar)
             bar.job_done(steps)
     finally:
