@@ -50,20 +50,24 @@ def run_seeds(r: Resolved, req: RunRequest) -> tuple[int, ...]:
     return tuple(req.seeds) or (r.train.seed,)
 
 
+CLAIM_SUITES = ("paper", "routing")  # the suites that evaluate their parts' claims unasked
+
+
 def select_claims(r: Resolved, ids: tuple[str, ...]) -> tuple[tuple[Any, ...] | None, Resolved]:
-    """The claims a run evaluates and the configuration that measures them: --claims, or for the
-    `paper` suite every claim its preset does not leave out (``skip_claims``), else none (and r).
+    """The claims a run evaluates and the configuration that measures them: --claims, or for a
+    suite of CLAIM_SUITES every claim of its parts that its preset does not leave out
+    (``skip_claims``), else none (and r).
 
     --claims, and a preset that leaves claims out, narrow the run to the parts (and Table 1
     variants) the evaluated claims need; claims asked for by name run whatever the preset leaves out."""
     from capsbench.report.claims import select
 
-    if not ids and r.name != "paper":
+    if not ids and r.name not in CLAIM_SUITES:
         if r.skip_claims:
-            raise CapsbenchError(f"skip_claims: suite {r.name} evaluates no claims (only `paper` does, or a run "
-                                 "with --claims), so there is nothing to leave out; remove the table")  # fmt: skip
+            raise CapsbenchError(f"skip_claims: suite {r.name} evaluates no claims (only {' and '.join(CLAIM_SUITES)} "
+                                 "do, or a run with --claims), so there is nothing to leave out; remove the table")  # fmt: skip
         return None, r
-    claims = [c for c in select(",".join(ids)) if ids or c.id not in r.skip_claims]
+    claims = [c for c in select(",".join(ids)) if ids or (c.id not in r.skip_claims and c.part in r.parts)]
     if ids or r.skip_claims:
         r = dataclasses.replace(r, parts=needed_parts(r, claims))
     return tuple(claims), (dataclasses.replace(r, skip_claims={}) if ids else r)
