@@ -82,9 +82,21 @@ def synthetic_context(data, root) -> RunContext:
                       cache_root=str(root))  # fmt: skip
 
 
+def corruptions_case(data, root):
+    from tests import test_corruptions as tc
+
+    return tc.corruptions_case(data, root)
+
+
+def routing_case(data, root):
+    from tests import test_routing_part as tr
+
+    return tr.routing_case(data, root)
+
+
 CASES = {"affine": affine_case, "adversarial": adversarial_case, "capsules": capsules_case,
-         "multimnist": multimnist_case, "throughput": throughput_case, "tta": tta_case,
-         "table1": table1_case}  # fmt: skip
+         "corruptions": corruptions_case, "multimnist": multimnist_case, "routing": routing_case,
+         "throughput": throughput_case, "tta": tta_case, "table1": table1_case}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

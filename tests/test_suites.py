@@ -21,7 +21,8 @@ COLUMNS = {
                    "step_ms_iqr", "peak_mem_mb", "params", "macs_per_sample"},  # fmt: skip
 }
 PART_TABLES = {"affine": ["affine"], "adversarial": ["adversarial"], "throughput": ["throughput"],
-               "capsules": ["capsules_reconstruction", "capsules_routing"], "tta": ["tta", "tta_curve"]}
+               "capsules": ["capsules_reconstruction", "capsules_routing"], "tta": ["tta", "tta_curve"],
+               "corruptions": ["corruptions"], "routing": ["routing", "routing_stats"]}
 
 
 def run(suite: str, out, cache, *extra: str) -> int:
