@@ -20,13 +20,19 @@ from capsbench.core import atomic
 from capsbench.core.config import to_toml
 from capsbench.core.errors import CapsbenchError
 from capsbench.report.folder import check_out, new_run_folder, staged, write_figure, write_png, write_table
+from capsbench.report.summary import PAPER_GRADE
 from capsbench.run.evaluate import SeedRun
 from capsbench.suite import Resolved, RunRequest, find_suite, read_suite
 
 
 def print_plan(r: Resolved, seeds: list[int], where: str) -> None:
     t = r.train
-    quick = "" if r.preset == "full" else "  (not comparable to the paper's protocol)"
+    if r.preset == "full" or t.paper_protocol:
+        quick = "" if r.preset == "full" else "  (the paper's training protocol)"
+    elif t.floor >= PAPER_GRADE:
+        quick = f"  (paper-grade models, accuracy floor {100 * t.floor:g}%; the summary says how the protocol differs)"
+    else:
+        quick = "  (a reduced protocol: not comparable to the paper's)"
     print(f"suite {r.name}: {r.description}")
     print(f"  preset {r.preset}{quick}; {where}; seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}")
     print(f"  training: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
@@ -164,7 +170,7 @@ def evaluate_claims(claims: list, tables: dict[str, Any], r: Resolved):
     """claims.csv: a verdict per evaluated claim, and a "not run" row per claim the preset left out."""
     from capsbench.report.claims import claim_row, not_run_row, select
 
-    rows = [claim_row(c, tables, r.preset) for c in claims]
+    rows = [claim_row(c, tables, r.preset, r.train.paper_protocol) for c in claims]
     for c in select(",".join(r.skip_claims)) if r.skip_claims else []:
         rows.append(not_run_row(c, f"left out by suite {r.name}, preset {r.preset}: {r.skip_claims[c.id]}"))
     return pd.DataFrame(rows)

@@ -12,7 +12,7 @@ from capsbench.core.errors import CapsbenchError
 from capsbench.models import build_model
 from capsbench.report.claims import VERDICTS, load_claims, select, verdict
 from capsbench.report.stats import seed_summary, t_quantile_975
-from capsbench.train.config import TrainConfig
+from capsbench.train.config import TrainConfig, train_config
 
 REQUIRED = {
     "mnist-error-baseline", "mnist-error-r1-norecon", "mnist-error-r1-recon", "mnist-error-r3-norecon",
@@ -156,6 +156,9 @@ def test_measure_difference_claim_one_seed_and_several():
     assert m["mean"] == pytest.approx(20.0) and (m["ci_low"], m["ci_high"]) == (pytest.approx(100 * lo), pytest.approx(100 * hi))
     row = claim_row(claim, one, "quick")
     assert row["verdict"] == "reproduced" and "reduced protocol" in row["notes"]
+    # a preset training under the paper's own protocol (canvas-stop) is not called reduced
+    assert train_config("canvas-stop").paper_protocol and not train_config("quick").paper_protocol
+    assert "reduced protocol" not in claim_row(claim, one, "canvas-stop", paper_protocol=True)["notes"]
     several = _adv([["capsnet", "capsnet", "fgsm", 0.1, a, 100, 100 * a, s] for s, a in enumerate([0.50, 0.52, 0.48])]
                    + [["cnn-pooled", "cnn-pooled", "fgsm", 0.1, a, 100, 100 * a, s] for s, a in enumerate([0.51, 0.50, 0.50])])
     m = measure(claim, several)

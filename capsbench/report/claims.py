@@ -189,8 +189,9 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
             "failed": failed}
 
 
-def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dict[str, Any]:
-    """One line of claims.csv: the measurement, its interval, the verdict and notes."""
+def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str, paper_protocol: bool = False) -> dict[str, Any]:
+    """One line of claims.csv: the measurement, its interval, the verdict and notes (a preset
+    that is not the paper's protocol noted as reduced)."""
     m = measure(claim, tables)
     row = {"claim": claim.id, "paper_value": claim.paper_value, "unit": claim.unit,
            "band": f"[{claim.band[0]:g}, {claim.band[1]:g}]"}  # fmt: skip
@@ -199,7 +200,7 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str) -> dic
     notes = [m["method"]]
     if m["chosen"].get("transform") == "composite":
         notes.append("affNIST-style composite set, not affNIST (set affine.affnist_path for the real test set)")
-    if preset != "full" and claim.value != "params":
+    if not (preset == "full" or paper_protocol) and claim.value != "params":
         notes.append(f"reduced protocol (preset {preset}), not the paper's: the verdict is about this protocol only")
     decided = verdict(claim, m["ci_low"], m["ci_high"])
     if m.get("failed"):  # a model that did not learn cannot speak for or against the claim

@@ -121,9 +121,9 @@ def build(runs: list[Run]) -> Blocks:
     b = Blocks()
     b.add("h1", "capsbench report")
     b.add("p", f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(runs)} run folder(s).")
-    if any(r.preset != "full" for r in runs):
+    if any(r.reduced for r in runs):
         b.add("warn", f"† {REDUCED}. Runs marked † used preset "
-              f"{', '.join(sorted({r.preset for r in runs if r.preset != 'full'}))}: shorter training, "
+              f"{', '.join(sorted({r.preset for r in runs if r.reduced}))}: shorter training, "
               "fewer test images; read them as a check of the machinery and of trends, not of the paper's numbers.")  # fmt: skip
     b.add("h2", "Runs")
     b.add("table", runs_table(runs))

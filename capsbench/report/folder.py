@@ -110,8 +110,13 @@ class Run:
         return list(self.config.get("seeds", [self.config.get("seed", 0)]))
 
     @property
+    def reduced(self) -> bool:
+        """Trained under a preset that is not the paper's protocol (full, canvas-stop)."""
+        return self.preset != "full" and not self.config.get("train", {}).get("paper_protocol", False)
+
+    @property
     def mark(self) -> str:
-        return "" if self.preset == "full" else " †"
+        return " †" if self.reduced else ""
 
 
 def read_run(folder: str | Path, label: str) -> Run:

@@ -68,7 +68,10 @@ def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd
     t = r.train
     seeds = [run.seed for run in runs]
     out = [f"# capsbench run: {r.name}", ""]
-    if r.preset != "full" and t.floor >= PAPER_GRADE:
+    if r.preset != "full" and t.paper_protocol:
+        out += [f"> **Preset `{r.preset}` ({t.description}): the paper's training protocol. Each part's section says "
+                "what it tests on (the affNIST-style composite set is not affNIST).**", ""]
+    elif r.preset != "full" and t.floor >= PAPER_GRADE:
         out += [f"> **Preset `{r.preset}` ({t.description}): models trained to paper-grade accuracy (floor "
                 f"{100 * t.floor:g}%, see Models) on a shorter schedule than the paper's, measured with reduced "
                 "budgets (test images, attack steps: each part's section says which). Not the paper's protocol.**",
