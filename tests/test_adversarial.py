@@ -167,6 +167,7 @@ def test_precheck_refuses_a_loss_no_model_provides(trained_cnn):  # noqa: F811
     cfg = from_dict(AdversarialConfig, {"losses": ["margin"]}, "adversarial")
     with pytest.raises(CapsbenchError, match="no model of this run .* 'margin'.*needs capsule lengths"):
         precheck(cfg, {"cnn-tiny": trained_cnn})
+    precheck(AdversarialConfig(), {"cnn-tiny": trained_cnn})  # the default list: each model's own losses
 
 
 def test_example_eps_prefers_point_two():

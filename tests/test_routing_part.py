@@ -24,7 +24,7 @@ SMALL = dict(n=48, composite_n=16, copies=1, attack_n=24, apgd_steps=3, apgd_tar
 
 
 @pytest.fixture(scope="module")
-def models(data):  # noqa: F811
+def models(data):
     tx, ty, _, _ = data
     out = {}
     for name in ("capsnet", "capsnet-uniform"):
@@ -34,7 +34,7 @@ def models(data):  # noqa: F811
     return out
 
 
-def routing_case(data, root):  # noqa: F811
+def routing_case(data, root):
     """The tiny case for tests/test_parts.py's CASES (every registered part runs on one)."""
     torch.manual_seed(0)
     caps = build_model("capsnet", **TINY_CAPS, reconstruction=False).eval()
@@ -74,6 +74,7 @@ def test_worst_case_is_at_most_every_attack_and_the_checks_pass(result):
         assert c["worst-case"] <= c["autoattack"] and c["worst-case"] <= c.get("vote", math.inf)
         assert c["autoattack"] <= c["clean"] * 24 / 48 + 24  # sanity: counts on the attacked subset
     assert res.checks and all(ch.passed for ch in res.checks)
+    assert all(" correct of 24" in ch.detail for ch in res.checks if "worst case" in ch.name)  # the attacked n
 
 
 def test_routing_statistics_per_condition(result):
@@ -87,7 +88,7 @@ def test_routing_statistics_per_condition(result):
     assert (dyn.entropy < math.log(10)).all() and dyn.agreement.between(0, 1).all()  # routing routes
 
 
-def test_routing_stats_of_a_model_without_couplings_is_none(models, data):  # noqa: F811
+def test_routing_stats_of_a_model_without_couplings_is_none(models, data):
     _, _, x, _ = data
     assert routing_stats(models["cnn-tiny"], x[:8], 8) is None
 
@@ -99,7 +100,7 @@ def test_the_part_is_seeded(result, models):
         pd.testing.assert_frame_equal(again.tables[t], res.tables[t])
 
 
-def test_vote_attack_is_pgd_on_the_uniform_model_with_the_same_weights(models, data):  # noqa: F811
+def test_vote_attack_is_pgd_on_the_uniform_model_with_the_same_weights(models, data):
     """The surrogate's gradients are those of the uniform-routing model sharing the weights."""
     _, _, x, y = data
     dyn = models["capsnet"]

@@ -133,7 +133,10 @@ class AdversarialConfig:
 
 
 def precheck(cfg: AdversarialConfig, models: dict[str, BenchModel]) -> None:
-    """Every listed loss must be provided by at least one model of the run."""
+    """Every loss a suite or --set lists must be provided by at least one model of the run; the
+    default list is the losses each model provides (a run of CNNs alone: ce and dlr, no margin)."""
+    if cfg.losses == AdversarialConfig().losses:
+        return
     for name in cfg.losses:
         why = [LOSSES.get(name).unavailable(m) for m in models.values()]
         if why and all(why):

@@ -158,8 +158,9 @@ def order_checks(df: pd.DataFrame) -> list[Check]:
         worst = acc.get("worst-case")
         others = [acc[m] for m in ("autoattack", "vote") if m in acc]
         ok = worst is not None and all(worst <= o for o in others)
+        n = int(g[g.measure == "worst-case"].n.max()) if worst is not None else 0
         out.append(Check(f"{name}: worst case <= AutoAttack and the vote attack", ok,
-                         f"worst {worst}, attacks {others} correct of {g.n.max()}", model=str(name)))  # fmt: skip
+                         f"worst {worst}, attacks {others} correct of {n}", model=str(name)))  # fmt: skip
     return out
 
 

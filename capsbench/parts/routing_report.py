@@ -84,8 +84,9 @@ def routing_figure(t: Mapping[str, pd.DataFrame], cfg: RoutingConfig):
                capsize=2, label=LABELS[m])  # fmt: skip
     ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
     ax.set_ylabel("accuracy %")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, ncol=3)
+    ax.set_ylim(0, 118)  # headroom for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(fontsize=8, ncol=len(measures), loc="upper center")
     ax.set_title(f"Accuracy per model (eps {cfg.eps:g}; noise eps {cfg.noise_eps:g}); 95% Wilson intervals")
     if not st.empty:
         routed = list(dict.fromkeys(st.model))
@@ -97,7 +98,8 @@ def routing_figure(t: Mapping[str, pd.DataFrame], cfg: RoutingConfig):
         ax2.axhline(float(st.entropy_max.iloc[0]), color="k", ls="--", lw=1, label="log C (uniform)")
         ax2.set_xticks(range(len(routed)), routed, rotation=30, ha="right")
         ax2.set_ylabel("mean coupling entropy (nats)")
-        ax2.legend(fontsize=8)
+        ax2.set_ylim(0, 1.25 * float(st.entropy_max.iloc[0]))  # headroom for the legend
+        ax2.legend(fontsize=8, ncol=2, loc="upper center")
         ax2.set_title("Does routing route? Coupling entropy")
     fig.tight_layout()
     return fig
