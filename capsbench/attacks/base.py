@@ -22,7 +22,7 @@ from capsbench.core.registry import Registry
 from capsbench.models import BenchModel, ModelOutput
 from capsbench.models.base import eval_mode, fast_input_grads
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
 @contextlib.contextmanager

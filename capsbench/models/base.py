@@ -35,7 +35,7 @@ class BenchModel(nn.Module):
     # rounding differs from the plain paths'); ``fast_input_grads`` turns it on for a block.
     allow_fast_input_grads = False
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:  # noqa: D102
+    def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:
         raise NotImplementedError
 
     def objective(self, out: ModelOutput, x: Tensor, y: Tensor) -> Tensor:
@@ -56,7 +56,7 @@ class BenchModel(nn.Module):
         """Does ``forward`` return a class-conditional reconstruction (the DARCCC detector's input)?"""
         return False
 
-    def nominal(self) -> "BenchModel":
+    def nominal(self) -> BenchModel:
         """The model as its paper computes it, for counting MACs (itself unless a faster path
         computes the same function with fewer multiply-adds)."""
         return self

@@ -266,7 +266,7 @@ class CapsNet(CapsuleModel):
         finally:
             self._uniform_votes = before
 
-    def nominal(self) -> "CapsNet":
+    def nominal(self) -> CapsNet:
         """The direct convolution for counting MACs: the spectral PrimaryCaps runs fewer
         multiply-adds than the convolution it equals."""
         if self.cfg.primary_conv == "direct":

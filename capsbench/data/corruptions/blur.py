@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capsbench.data.corruptions.registry import corruption
 from capsbench.data.corruptions.filters import gaussian_blur
+from capsbench.data.corruptions.registry import corruption
 from capsbench.data.corruptions.rng import per_image
 
 GLASS_SIGMA, GLASS_ITERATIONS = 0.7, 2  # severity 1: (sigma, max_delta 1, iterations)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capsbench.data.corruptions.registry import corruption
 from capsbench.data.corruptions.filters import gaussian_blur, sobel
+from capsbench.data.corruptions.registry import corruption
 
 CANNY_SIGMA, CANNY_LOW, CANNY_HIGH = 1.0, 0.1, 0.2
 HYSTERESIS_CHECK = 8  # dilation steps between convergence checks (one host sync each)

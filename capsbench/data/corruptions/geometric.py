@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from capsbench.data.corruptions.registry import corruption
 from capsbench.data.corruptions.filters import centred, warp
+from capsbench.data.corruptions.registry import corruption
 from capsbench.data.corruptions.rng import signs
 
 SHEAR = 0.4  # radians, severity 2

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from capsbench.data.corruptions.registry import corruption
 from capsbench.data.corruptions.filters import gaussian_blur
+from capsbench.data.corruptions.registry import corruption
 from capsbench.data.corruptions.rng import normal, per_image
 
 # spatter, severity 4: liquid N(0.65, 0.3), blur sigma 1, threshold 0.65; mask blur 1.5, cut 0.8; mud 63/255
