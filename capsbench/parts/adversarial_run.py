@@ -166,9 +166,10 @@ def make_inputs(ctx: RunContext, cfg: AdversarialConfig) -> Inputs:
     n = min(cfg.n, len(ctx.test_x))
     y = ctx.test_y[:n]
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-    offset = torch.randint(1, 10, (n,), device=ctx.device, generator=gen)  # 1..9: never the label
+    k = ctx.num_classes
+    offset = torch.randint(1, k, (n,), device=ctx.device, generator=gen)  # 1..k-1: never the label
     x_val = ctx.test_inputs(ctx.test_x[n : n + cfg.detect_val_n])
-    return Inputs(ctx.test_inputs(ctx.test_x[:n]), y, (y + offset) % 10, min(cfg.pgd_n or n, n), x_val)
+    return Inputs(ctx.test_inputs(ctx.test_x[:n]), y, (y + offset) % k, min(cfg.pgd_n or n, n), x_val)
 
 
 @dataclass

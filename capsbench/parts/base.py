@@ -47,14 +47,14 @@ class RunContext:
     """Everything a part needs: trained models, test data on the device, the protocol, the seed."""
 
     models: dict[str, Any]  # name -> capsbench.train.cache.TrainedModel (eval mode, on device)
-    test_x: Tensor  # (N, 28, 28) uint8 test digits on the device
+    test_x: Tensor  # (N, C, H, W) uint8 test images on the device (MNIST: (N, 1, 28, 28))
     test_y: Tensor  # (N,) int64 labels on the device
     train_cfg: TrainConfig  # the protocol the models were trained under (input size, canvas)
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype for evaluation (None = fp32)
     seed: int
     progress: bool = True
-    data: Any = None  # the MNIST object (train_x/train_y/test_x/test_y), for parts that train their own models
+    data: Any = None  # the run's dataset (train_x/train_y/test_x/test_y), for parts that train their own models
     cache_root: str | None = None  # the cache folder (None: $CAPSBENCH_DATA_DIR or ~/.cache/capsbench)
     fresh: frozenset[str] = frozenset()  # cache keys this run trained (before its parts ran): not "from cache"
 
@@ -71,8 +71,22 @@ class RunContext:
     def input_size(self) -> int:
         return self.train_cfg.input_size
 
+    @property
+    def num_classes(self) -> int:
+        """The run's dataset's number of classes (10 for MNIST)."""
+        from capsbench.train.config import dataset_spec
+
+        return dataset_spec(self.train_cfg.dataset).num_classes
+
+    @property
+    def channels(self) -> int:
+        """The run's dataset's image channels (1 for MNIST)."""
+        from capsbench.train.config import dataset_spec
+
+        return dataset_spec(self.train_cfg.dataset).shape[0]
+
     def test_inputs(self, x_u8: Tensor) -> Tensor:
-        """Raw digits -> model inputs (B, 1, S, S) in [0, 1]: 28x28, or centred on the canvas."""
+        """Raw images -> model inputs (B, C, S, S) in [0, 1]: as they are, or centred on the canvas."""
         from capsbench.train.tasks import test_inputs
 
         return test_inputs(self.train_cfg, x_u8)
@@ -102,6 +116,9 @@ class Part:
     # Its sizes per training preset (preset -> config keys: test images, steps, budgets), stated
     # once here; the config's defaults are the `full` sizes, and suite files say only what differs.
     sizing: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The datasets (train.dataset) it gives right numbers on; None: any. MNIST alone unless a part
+    # says more: a protocol built on MNIST's digits (a canvas, MNIST-C, two digits) is refused elsewhere.
+    datasets: tuple[str, ...] | None = ("mnist",)
 
     def sized(self, preset: str) -> dict[str, Any]:
         """The config keys this part sets for ``preset``; a preset it does not size gets `full`'s."""
@@ -119,9 +136,11 @@ TABLES.register("jobs")(JOB_COLUMNS)
 def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_training: bool = True,
          per_seed: bool = True, precheck: Callable[[Any, dict[str, Any]], None] | None = None,
          jobs: JobsFn | None = None, sizing: Mapping[str, Mapping[str, Any]] | None = None,
-         headline: Sequence[Headline] = ()) -> Callable[[PartFn], PartFn]:  # fmt: skip
+         headline: Sequence[Headline] = (),
+         datasets: Sequence[str] | None = ("mnist",)) -> Callable[[PartFn], PartFn]:  # fmt: skip
     """Register the decorated run function as part ``name``, with its tables' columns, its sizes
-    per preset (checked against ``config`` here) and its headline numbers."""
+    per preset (checked against ``config`` here), its headline numbers and the datasets it takes
+    (``datasets``: None = any; MNIST alone by default)."""
 
     def deco(fn: PartFn) -> PartFn:
         tabs = {k: tuple(v) for k, v in tables.items()}
@@ -131,7 +150,8 @@ def part(name: str, config: type, tables: dict[str, tuple[str, ...]], needs_trai
         stray = [h.table for h in headline if h.table not in tabs]
         if stray:
             raise ValueError(f"part {name}: headline reads table {stray[0]!r}, which it does not write")
-        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck, jobs, sizes))
+        PARTS.register(name)(Part(name, config, fn, tabs, needs_training, per_seed, precheck, jobs, sizes,
+                                  None if datasets is None else tuple(datasets)))
         for table, columns in tabs.items():
             TABLES.register(table, part=name)(columns)
         if headline:  # its numbers in the report's headline, the summary and MLflow (report/ reads the registry)

@@ -74,8 +74,7 @@ def claim_training(ctx: RunContext, cfg: Table1Config, claim) -> TrainConfig:
 
 def table1_jobs(ctx: RunContext, cfg: Table1Config) -> list[tuple[str, TrainConfig, dict]]:
     """The models the error claims train, for an executor to train before the part runs."""
-    return [(c.model, claim_training(ctx, cfg, c), {**c.options, "input_size": 28})
-            for c in variants(cfg) if c.value == "error"]  # fmt: skip
+    return [(c.model, claim_training(ctx, cfg, c), dict(c.options)) for c in variants(cfg) if c.value == "error"]
 
 
 def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
@@ -84,9 +83,9 @@ def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
     from capsbench.train.tasks import evaluate, test_inputs
 
     if ctx.data is None:
-        raise CapsbenchError("the table1 part needs the MNIST training set; run it through `python -m capsbench run`")
+        raise CapsbenchError("the table1 part needs the training set; run it through `python -m capsbench run`")
     train = claim_training(ctx, cfg, claim)
-    tm = ctx.get_trained(claim.model, train, {**claim.options, "input_size": 28})
+    tm = ctx.get_trained(claim.model, train, dict(claim.options))  # input size, channels, classes: the dataset's
     how = "cached" if tm.cached else f"trained in {tm.meta['train_seconds']:.0f}s"
     n = cfg.test_n or len(ctx.data.test_x)
     x, y = ctx.data.test_x[:n].to(ctx.device), ctx.data.test_y[:n].to(ctx.device)
@@ -100,7 +99,7 @@ def error_row(ctx: RunContext, cfg: Table1Config, claim) -> dict:
             "train_failed": bool(acc < CHANCE_FACTOR / tm.model.num_classes)}  # fmt: skip
 
 
-TRAINING_COLUMNS = ("images_seen", "epochs", "converged", "convergence")  # of train/convergence.py's record
+TRAINING_COLUMNS = ("dataset", "images_seen", "epochs", "converged", "convergence")  # of train/convergence.py's record
 TABLE1_TABLES = {
     "table1": ("claim", "model", "options", "params", "accuracy", "error", "n", "correct", "seed", "steps",
                *TRAINING_COLUMNS, "train_seconds", "from_cache", "paper_error_pct", "train_failed"),
@@ -108,18 +107,20 @@ TABLE1_TABLES = {
 }
 
 
-@part("table1", Table1Config, TABLE1_TABLES, needs_training=False, jobs=table1_jobs)
+# Any dataset: the variants train on the run's data (the error claims require MNIST, claims.toml)
+@part("table1", Table1Config, TABLE1_TABLES, needs_training=False, jobs=table1_jobs, datasets=None)
 def run_table1(ctx: RunContext, cfg: Table1Config) -> PartResult:
     claims = variants(cfg)
     params = pd.DataFrame(param_rows(claims, ctx.seed), columns=TABLE1_TABLES["params"])
     errors = pd.DataFrame([error_row(ctx, cfg, c) for c in claims if c.value == "error"],
                           columns=TABLE1_TABLES["table1"])
     tables = {"params": params} if not params.empty else {}
-    lines = ["## Table 1: MNIST test error and parameter counts", ""]
+    data = ctx.train_cfg.dataset
+    lines = [f"## Table 1: {'MNIST' if data == 'mnist' else data} test error and parameter counts", ""]
     if not errors.empty:
         tables["table1"] = errors
         lines += [f"Each variant trained with shifts of up to {cfg.max_shift} px under the run's preset, tested on "
-                  f"{int(errors.n.iloc[0])} MNIST test digits; accuracy with a 95% Wilson interval.", "",
+                  f"{int(errors.n.iloc[0])} {data} test images; accuracy with a 95% Wilson interval.", "",
                   markdown_table(pd.DataFrame([{"claim": r.claim, "model": r.model, "options": r.options,
                                                 "test error %": f"{100 * r.error:.2f}", "paper %": r.paper_error_pct,
                                                 "accuracy": format_accuracy(r.accuracy, int(r.n)), "steps": r.steps,

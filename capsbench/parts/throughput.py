@@ -63,15 +63,15 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def make_step(model: BenchModel, mode: str, batch: int, options: StepOptions,
-              seed: int) -> tuple[Callable[[], None], TrainStep | InferStep]:  # fmt: skip
+def make_step(model: BenchModel, mode: str, batch: int, options: StepOptions, seed: int,
+              channels: int = 1) -> tuple[Callable[[], None], TrainStep | InferStep]:  # fmt: skip
     """One training step (forward, objective, backward, Adam: the Trainer's TrainStep) or one
     no-grad forward, as a closure over random inputs already on the device, and the step object
     (which says whether it really ran compiled). It runs a copy: the given weights are never touched."""
     device = options.device
     gen = torch.Generator(device=device).manual_seed(seed)
     S = model.input_size
-    x = torch.rand(batch, 1, S, S, device=device, generator=gen)  # (B, 1, S, S) in [0, 1], resident
+    x = torch.rand(batch, channels, S, S, device=device, generator=gen)  # (B, C, S, S) in [0, 1], resident
     y = torch.randint(0, model.num_classes, (batch,), device=device, generator=gen)  # (B,)
     m = copy.deepcopy(model).train(mode == "train")  # a compiled step compiles afresh: an honest compile_s
     if mode == "inference":
@@ -99,12 +99,12 @@ class CompileFailed(Exception):
 
 
 def measure(model: BenchModel, mode: str, batch: int, options: StepOptions, cfg: ThroughputConfig,
-            seed: int) -> dict[str, float] | None:  # fmt: skip
+            seed: int, channels: int = 1) -> dict[str, float] | None:  # fmt: skip
     """Median/IQR step time, images/s, peak memory and compile time of one setting; None on OOM."""
     device = options.device
     baseline = reset_peak_memory(device)
     try:
-        fn, step = make_step(model, mode, batch, options, seed)
+        fn, step = make_step(model, mode, batch, options, seed, channels)
         times, compile_s = timed_steps(fn, options.compile, cfg, device)
     except RuntimeError as e:
         if not is_oom(e):
@@ -156,7 +156,7 @@ def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputCo
     batches first, so the time budget cuts the largest ones."""
     S = model.input_size
     static = {"params": model.num_params(), "repeats": cfg.repeats, "seed": ctx.seed,
-              "macs_per_sample": count_macs(model.nominal(), torch.rand(2, 1, S, S, device=ctx.device)) // 2,
+              "macs_per_sample": count_macs(model.nominal(), torch.rand(2, ctx.channels, S, S, device=ctx.device)) // 2,
               "routing_iters": routing_iters_of(model) or math.nan, **info}  # fmt: skip
     settings = list(itertools.product(sorted(set(cfg.batch_sizes)), cfg.dtypes, cfg.channels_last, cfg.compile,
                                       cfg.modes))  # fmt: skip
@@ -205,7 +205,7 @@ def measure_setting(model: BenchModel, mode: str, batch: int, ctx: RunContext, c
     """(``measure``'s result, "") or, when torch.compile fails, (None, what failed)."""
     options = StepOptions(ctx.device, amp_dtype(ctx.device, dname), compiled, cfg.compile_mode, channels_last)
     try:
-        return measure(model, mode, batch, options, cfg, ctx.seed), ""
+        return measure(model, mode, batch, options, cfg, ctx.seed, ctx.channels), ""
     except CompileFailed as e:
         return None, str(e)
     except Exception as e:  # compile is optional; errors in eager mode are bugs and propagate
@@ -233,7 +233,8 @@ def routing_sweep(name: str, tm: Any, ctx: RunContext, cfg: ThroughputConfig, no
         variant = with_routing_iters(name, tm, iters, ctx.device)
         for mode in cfg.modes:
             options = StepOptions(ctx.device, dtype)
-            r = measure(variant, mode, batch, options, cfg, ctx.seed) if budget.allows(mode, batch) else None
+            allowed = budget.allows(mode, batch)
+            r = measure(variant, mode, batch, options, cfg, ctx.seed, ctx.channels) if allowed else None
             if r is None:
                 skipped.append(f"{mode} x{iters}")
                 continue
@@ -260,8 +261,9 @@ HEADLINE = [Headline("train img/s", "train_images_per_s", "throughput", {"mode":
                      about=SPEEDS)]  # fmt: skip
 
 
+# Any dataset: random inputs of the dataset's shape
 @part("throughput", ThroughputConfig, THROUGHPUT_TABLES, needs_training=False, per_seed=False, sizing=SIZING,
-      headline=HEADLINE)
+      headline=HEADLINE, datasets=None)
 def run_throughput(ctx: RunContext, cfg: ThroughputConfig) -> PartResult:
     """Time every model over batch sizes, modes, dtypes and compile settings; sweep CapsNet's routing."""
     info, rows, routing_rows, notes = run_info(ctx), [], [], []

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from capsbench.core import atomic
+from capsbench.data.datasets import DATASETS
 from capsbench.report.folder import Run, read_run
 from capsbench.report.format import markdown_table
 from capsbench.report.headline import headline_notes, headline_row
@@ -73,11 +74,13 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for r in runs:
         train = r.config.get("train", {})
-        proto = {"shift": f"28x28, ±{train.get('max_shift')} px shifts", "canvas": f"{train.get('canvas')}x{train.get('canvas')} canvas",
-                 "none": "28x28, no augmentation"}.get(train.get("augment"), "?")  # fmt: skip
+        data = train.get("dataset", "mnist")  # runs from before train.dataset were all MNIST
+        s = DATASETS.get(data).shape[1] if data in DATASETS else "?"
+        proto = {"shift": f"{s}x{s}, ±{train.get('max_shift')} px shifts", "canvas": f"{train.get('canvas')}x{train.get('canvas')} canvas",
+                 "none": f"{s}x{s}, no augmentation"}.get(train.get("augment"), "?")  # fmt: skip
         rows.append({
             "run": r.label + r.mark, "folder": str(r.folder), "suite": r.config.get("suite", "?"), "preset": r.preset,
-            "training": f"{train.get('steps')} steps x {train.get('batch_size')}, {proto}",
+            "training": f"{data}: {train.get('steps')} steps x {train.get('batch_size')}, {proto}",
             "seeds": ",".join(map(str, r.seeds)), "device": r.env.get("device_name", "?"),
             "torch": r.env.get("torch", "?"), "commit": str(r.env.get("git_commit", "?"))[:12],
             "started (UTC)": str(r.env.get("started_utc", "?"))[:19],

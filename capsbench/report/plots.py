@@ -45,14 +45,16 @@ def accuracy_lines(df: pd.DataFrame, x: str, hue: str, style: str | None = None,
 
 
 def example_grid(rows: list[Tensor], row_names: list[str], labels: list[list[str]], title: str) -> Figure:
-    """A grid of images: one row per variant (B, 1, S, S) tensor, each cell titled with ``labels``."""
+    """A grid of images: one row per variant (B, C, S, S) tensor (C = 1: grey; 3: colour; other C: channel
+    0, e.g. smallNORB's left camera), each cell titled with ``labels``."""
     k = rows[0].shape[0]
     fig = Figure(figsize=(1.6 * k + 1.5, 1.7 * len(rows) + 0.6))
     axes = fig.subplots(len(rows), k, squeeze=False)
     for r, (imgs, name) in enumerate(zip(rows, row_names)):
         for c in range(k):
             ax = axes[r][c]
-            ax.imshow(imgs[c, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            img = imgs[c].permute(1, 2, 0) if imgs.shape[1] == 3 else imgs[c, 0]  # (S, S, 3) or (S, S)
+            ax.imshow(img.float().clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(labels[r][c], fontsize=7)
             if c == 0:

@@ -10,6 +10,8 @@ A precondition is an inline table ``{ key = KIND, table = TABLE, ...parameters }
   e.g. the affNIST protocol: ``augment = "canvas"``, ``input_size = 40``;
 - ``images`` (``at_least``, a count): every compared model saw at least that many training
   images (steps x batch_size), for parts that train their own models (MultiMNIST).
+- ``dataset`` (``name``, a registered dataset): every compared model was trained and tested on it,
+  so a claim about MNIST is never judged on a Fashion-MNIST run (rows from before the column: MNIST).
 
 The rows read are the claim's own (``claim`` column = its id) where the table has a claim column
 (table1), else those of the claim's model and the model it is compared with (tables/models.csv).
@@ -58,6 +60,11 @@ def _protocol(row: Any, p: dict[str, Any]) -> str:
     return f"trained with augment={row.augment} at {int(row.input_size)}x{int(row.input_size)}" if wrong else ""
 
 
+def _dataset(row: Any, p: dict[str, Any]) -> str:
+    used = getattr(row, "dataset", "mnist")  # tables written before the column were all MNIST
+    return "" if used == p["name"] else f"trained on {used}"
+
+
 def _protocol_text(p: dict[str, Any]) -> str:
     size = f" at {p['input_size']}x{p['input_size']}" if "input_size" in p else ""
     return f"trained with augment={p['augment']}{size}"
@@ -72,6 +79,7 @@ KINDS: dict[str, Kind] = {
                      optional=("input_size",)),
     "images": Kind({"at_least": int}, (("steps",), ("batch_size",)), _images,
                    lambda p: f"at least {p['at_least']:,} training images"),
+    "dataset": Kind({"name": str}, (("dataset",),), _dataset, lambda p: f"trained on {p['name']}"),
 }  # fmt: skip
 
 
@@ -117,6 +125,12 @@ def _parse_one(where: str, r: dict[str, Any], tables: dict[str, tuple[str, ...]]
             raise CapsbenchError(f"{where}: {kind}.{p} must be {want}, got {v!r}")
         if p == "augment" and v not in AUGMENTS:
             raise CapsbenchError(f"{where}: {kind}.augment must be one of {', '.join(AUGMENTS)}, got {v!r}")
+        if kind == "dataset" and p == "name":
+            from capsbench.data.datasets import DATASETS
+
+            if v not in DATASETS:
+                known = ", ".join(DATASETS.names())
+                raise CapsbenchError(f"{where}: dataset.name must be a registered dataset ({known}), got {v!r}")
     missing = [p for p in k.params if p not in params and p not in k.optional]
     if missing:
         raise CapsbenchError(f"{where}: precondition {kind} needs {missing[0]!r}")

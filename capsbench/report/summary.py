@@ -78,13 +78,15 @@ def render_summary(r, env: dict[str, Any], runs: list[Any], tables: dict[str, pd
                 ""]  # fmt: skip
     elif r.preset != "full":
         out += [f"> **Preset `{r.preset}`: a reduced protocol. These numbers are not comparable to the paper's.**", ""]
-    protocol = {"shift": f"28x28 with random shifts up to {t.max_shift} px",
+    side = t.input_size if t.augment != "canvas" else 28
+    protocol = {"shift": f"{side}x{side} with random shifts up to {t.max_shift} px",
                 "canvas": f"digits placed at random on a {t.canvas}x{t.canvas} canvas (tests: centred)",
-                "none": "28x28, no augmentation"}[t.augment]  # fmt: skip
+                "none": f"{side}x{side}, no augmentation"}[t.augment]  # fmt: skip
+    data = "" if t.dataset == "mnist" else f"; dataset: `{t.dataset}` (not MNIST)"
     out += [
         f"- suite: `{r.name}`: {r.description}",
         f"- preset: `{r.preset}`; training: {t.steps} steps x batch {t.batch_size}, {t.schedule_text()}; "
-        f"protocol: {protocol}",
+        f"protocol: {protocol}{data}",
         f"- seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))}; device: {env['device_name']}; "
         f"torch {env['torch']}{', CUDA ' + str(env['cuda']) if env.get('cuda') else ''}; git commit {env['git_commit']}",
         f"- wall time: {wall:.0f} s; command: `{env['command']}`",

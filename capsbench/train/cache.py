@@ -27,11 +27,13 @@ import torch
 from capsbench.core import atomic
 from capsbench.core.device import amp_dtype
 from capsbench.core.env import environment
+from capsbench.core.errors import CapsbenchError
 from capsbench.core.lock import file_lock
-from capsbench.data import cache_dir, load_mnist
+from capsbench.data import cache_dir
+from capsbench.data.datasets import load_dataset
 from capsbench.models import BenchModel, build_model, model_options, weight_options
 from capsbench.train import checkpoint, distributed
-from capsbench.train.config import TrainConfig
+from capsbench.train.config import TrainConfig, check_data_options, data_options
 from capsbench.train.tasks import MnistTask, Task
 from capsbench.train.trainer import Trainer
 
@@ -66,7 +68,8 @@ class Recipe(Protocol):
 
 @dataclass(frozen=True)
 class MnistRecipe:
-    """MNIST classification under ``cfg`` (a TrainConfig given to get_trained means this)."""
+    """Classification of ``cfg.dataset`` (MNIST unless set) under ``cfg`` (a TrainConfig given to
+    get_trained means this); the dataset enters the key through ``cfg.weight_key()`` when not MNIST."""
 
     cfg: TrainConfig
     prefix: ClassVar[str] = ""
@@ -102,6 +105,17 @@ def as_recipe(spec: TrainConfig | Recipe) -> Recipe:
     return MnistRecipe(spec) if isinstance(spec, TrainConfig) else spec
 
 
+def recipe_data(recipe: Recipe, data: Any, root: str | Path | None) -> Any:
+    """The data a recipe trains on: its TrainConfig's dataset (the other recipes are MNIST parts'),
+    ``data`` when given (refused when it is another dataset), else loaded."""
+    name = recipe.cfg.dataset if isinstance(recipe, MnistRecipe) else "mnist"
+    if data is None:
+        return load_dataset(name, root)
+    if getattr(data, "name", name) != name:
+        raise CapsbenchError(f"asked to train on {name} with the {data.name} data loaded")
+    return data
+
+
 def cache_key(name: str, options: dict[str, Any], spec: TrainConfig | Recipe, device: torch.device) -> str:
     """A short hash of model, options (speed options left out) and the recipe's key: its task's
     config (for MNIST: training config, data protocol, seed), device, precision, code version."""
@@ -129,7 +143,12 @@ def locate(name: str, spec: TrainConfig | Recipe, device: torch.device, options:
            root: str | Path | None = None) -> tuple[dict[str, Any], str, Path]:
     """(full model options, cache key, cache folder) of a model trained under ``spec``."""
     recipe = as_recipe(spec)
-    options = model_options(name, **{"input_size": recipe.input_size, **(options or {})})
+    if isinstance(recipe, MnistRecipe):  # the dataset decides input size, channels and classes
+        check_data_options(name, options or {}, recipe.cfg)
+        base = data_options(name, recipe.cfg)
+    else:
+        base = {"input_size": recipe.input_size}
+    options = model_options(name, **{**base, **(options or {})})
     key = cache_key(name, options, recipe, device)
     return options, key, model_folder(recipe.prefix + name, key, root)
 
@@ -151,7 +170,7 @@ def get_trained(
             return load_entry(name, options, final, device, world)
         torch.manual_seed(recipe.seed)  # initial weights are a function of the seed
         model = build_model(name, **options)
-        data = data if data is not None else load_mnist(root)
+        data = recipe_data(recipe, data, root)
         task = recipe.task(data, device)
         trainer = Trainer(model, task, folder / "checkpoint.pt", progress, label=recipe.label(name))
         started = time.time()

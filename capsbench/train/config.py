@@ -56,12 +56,17 @@ class TrainConfig:
     # (0 = train every step). Both enter the cache key only when set, so older keys stay valid.
     stop_at: float = opt(0.0, ge=0, le=1, keyed="unless-default")
     eval_every: int = opt(0, ge=0, keyed="unless-default")
+    # The registered dataset the models train and are tested on (capsbench/data/datasets; `list
+    # datasets`). In the cache key only when not MNIST, so every MNIST key stays what it was.
+    dataset: str = opt("mnist", keyed="unless-default")
 
     def validate(self, where: str = "train") -> None:
         if self.warmup_steps >= self.steps:
             raise CapsbenchError(f"{where}.warmup_steps must be < steps ({self.steps}), got {self.warmup_steps}")
-        if self.augment == "canvas" and self.canvas < 28:
-            raise CapsbenchError(f"{where}.canvas must be >= 28 (the digit is 28x28), got {self.canvas}")
+        spec = dataset_spec(self.dataset, where)
+        if self.augment == "canvas" and self.canvas < spec.shape[1]:
+            raise CapsbenchError(f"{where}.canvas must be >= {spec.shape[1]} (the {self.dataset} image is "
+                                 f"{spec.shape[1]}x{spec.shape[2]}), got {self.canvas}")  # fmt: skip
 
     def lr_schedule(self) -> Schedule:
         """The registered schedule this config names (onecycle reaches 0 at the last step)."""
@@ -77,7 +82,8 @@ class TrainConfig:
 
     @property
     def input_size(self) -> int:
-        return self.canvas if self.augment == "canvas" else 28
+        """The model's input side: the canvas, or the dataset's image side (28 for MNIST)."""
+        return self.canvas if self.augment == "canvas" else dataset_spec(self.dataset).shape[1]
 
     def weight_key(self) -> dict[str, Any]:
         """The fields that determine the trained weights (logging, checkpoint cadence and speed
@@ -90,6 +96,42 @@ class TrainConfig:
             return ""
         every = f"every {self.eval_every} steps" if self.eval_every else "at each epoch's end"
         return f"stops at the first test evaluation ({every}) at or above {100 * self.stop_at:g}%"
+
+
+def dataset_spec(name: str, where: str = "train") -> Any:
+    """The registered dataset ``name`` (capsbench/data/datasets), or one line naming the known ones."""
+    from capsbench.data.datasets import DATASETS
+
+    if name not in DATASETS:
+        raise CapsbenchError(f"{where}.dataset: unknown dataset {name!r}; known datasets: {', '.join(DATASETS.names())}")
+    return DATASETS.get(name)
+
+
+def data_options(model: str, cfg: TrainConfig) -> dict[str, Any]:
+    """The model options the data decides: input_size, and in_channels and num_classes where the
+    model has them (for MNIST they equal the defaults, so options and cache keys do not change).
+    A model without one of them is refused on data that needs another value."""
+    from dataclasses import fields
+
+    from capsbench.models import MODELS
+
+    spec = dataset_spec(cfg.dataset)
+    has = {f.name for f in fields(MODELS.get(model)[0])}
+    out: dict[str, Any] = {"input_size": cfg.input_size}
+    for key, value, fixed in (("in_channels", spec.shape[0], 1), ("num_classes", spec.num_classes, 10)):
+        if key in has:
+            out[key] = value
+        elif value != fixed:  # a model without the option takes MNIST's 1 channel and 10 classes
+            raise CapsbenchError(f"model {model} has no {key} option (it takes {fixed}); dataset {cfg.dataset} "
+                                 f"needs {key} = {value}")  # fmt: skip
+    return out
+
+
+def check_data_options(model: str, options: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse model options that contradict the dataset (e.g. [model.capsnet] num_classes = 5 on MNIST)."""
+    for key, value in data_options(model, cfg).items():
+        if key != "input_size" and key in options and options[key] != value:
+            raise CapsbenchError(f"model {model}: {key} = {options[key]}, but dataset {cfg.dataset} has {value}")
 
 
 def load_presets() -> dict[str, dict[str, Any]]:

@@ -14,9 +14,9 @@ from typing import Any
 
 from capsbench.train.config import TrainConfig
 
-RECORD_COLUMNS = ("model", "options", "seed", "params", "augment", "input_size", "steps", "batch_size", "images_seen",
-                  "epochs", "schedule", "test_accuracy", "test_n", "converged", "convergence", "floor", "meets_floor",
-                  "train_seconds", "from_cache", "key")  # fmt: skip
+RECORD_COLUMNS = ("model", "dataset", "options", "seed", "params", "augment", "input_size", "steps", "batch_size",
+                  "images_seen", "epochs", "schedule", "test_accuracy", "test_n", "converged", "convergence", "floor",
+                  "meets_floor", "train_seconds", "from_cache", "key")  # fmt: skip
 
 
 def convergence(meta: dict[str, Any], cfg: TrainConfig, epoch_steps: int) -> tuple[bool, str]:
@@ -56,7 +56,8 @@ def training_record(name: str, meta: dict[str, Any], cfg: TrainConfig, train_ima
     acc, n = float(meta["test_accuracy"]), int(meta["test_n"])
     ok, why = convergence(meta, cfg, max(n_train // bs, 1))
     return {
-        "model": name, "options": json.dumps(options, sort_keys=True), "seed": seed, "params": meta["params"],
+        "model": name, "dataset": train.get("dataset", "mnist"), "options": json.dumps(options, sort_keys=True),
+        "seed": seed, "params": meta["params"],
         "augment": train["augment"], "input_size": int(options.get("input_size", 28)), "steps": steps,
         "batch_size": bs, "images_seen": images,
         "epochs": round(images / n_train, 3), "schedule": train.get("schedule", "paper"),

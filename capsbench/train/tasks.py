@@ -90,7 +90,8 @@ class Task:
 
 
 def train_inputs(cfg: TrainConfig, x_u8: Tensor, gen: torch.Generator) -> Tensor:
-    """(B, 28, 28) uint8 -> (B, 1, S, S) float training inputs under the config's protocol."""
+    """(B, C, H, W) uint8 images (or MNIST's (B, 28, 28)) -> (B, C, S, S) float training inputs under the
+    config's protocol."""
     x = augment.to_float(x_u8)
     if cfg.augment == "shift" and cfg.max_shift > 0:
         return augment.random_shift(x, cfg.max_shift, generator=gen)
@@ -100,7 +101,7 @@ def train_inputs(cfg: TrainConfig, x_u8: Tensor, gen: torch.Generator) -> Tensor
 
 
 def test_inputs(cfg: TrainConfig, x_u8: Tensor) -> Tensor:
-    """Unshifted test digits: 28x28, or centred on the canvas ("expanded MNIST")."""
+    """Unshifted test images (B, C, S, S): as they are, or centred on the canvas ("expanded MNIST")."""
     x = augment.to_float(x_u8)
     return augment.center_canvas(x, cfg.canvas) if cfg.augment == "canvas" else x
 
@@ -122,16 +123,17 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
 
 
 class MnistTask(Task):
-    """MNIST classification under a TrainConfig: the digits on the device, batches by index in each
-    epoch's order, augmentation drawn from a device generator (saved in checkpoints with the global
-    RNG, for dropout), the config's lr schedule, test accuracy at each epoch's end and after the run."""
+    """Classification of the config's dataset (MNIST unless train.dataset is set): the images on the
+    device, batches by index in each epoch's order, augmentation drawn from a device generator (saved
+    in checkpoints with the global RNG, for dropout), the config's lr schedule, test accuracy at each
+    epoch's end and after the run."""
 
     def __init__(self, cfg: TrainConfig, data: Any, device: torch.device) -> None:
         options = StepOptions(device, amp_dtype(device, cfg.amp), cfg.compile, cfg.compile_mode, cfg.channels_last)
         super().__init__(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, options=options,
                          schedule=cfg.lr_schedule(), log_every=cfg.log_every,
                          checkpoint_every=cfg.checkpoint_every, input_size=cfg.input_size,
-                         protocol=f"augment={cfg.augment}, canvas={cfg.canvas}")  # fmt: skip
+                         protocol=f"{cfg.dataset}, augment={cfg.augment}, canvas={cfg.canvas}")  # fmt: skip
         self.cfg = cfg
         n = min(cfg.train_subset or len(data.train_x), len(data.train_x))  # a subset larger than the data = all of it
         self.train_x, self.train_y = data.train_x[:n].to(device), data.train_y[:n].to(device)
@@ -155,7 +157,7 @@ class MnistTask(Task):
         return self.examples(self.order[pos * bs : (pos + 1) * bs])
 
     def examples(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Training inputs (B, 1, S, S) and labels (B,) of the digits ``idx`` (B,)."""
+        """Training inputs (B, C, S, S) and labels (B,) of the images ``idx`` (B,)."""
         return train_inputs(self.cfg, self.train_x[idx], self.gen), self.train_y[idx]
 
     def rng_state(self) -> dict[str, Any]:
