@@ -23,6 +23,19 @@ class FakeMNIST:
     source: str = "synthetic"
 
 
+def adam_losses(model, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """The model's training objective at each of ``steps`` Adam steps on one batch (x, y)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model.objective(model(x, y), x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Easily separable 28x28 uint8 'digits': class k is a bright 6x6 block at position k, plus noise."""
     g = torch.Generator().manual_seed(seed)

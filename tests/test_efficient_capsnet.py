@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from capsbench.models.efficient_capsnet import EfficientCapsNet, EfficientCapsNetConfig, efficient_squash
+from tests.conftest import adam_losses
 
 
 def make(**options) -> EfficientCapsNet:
@@ -100,14 +101,7 @@ def test_uniform_votes_restored_after_an_exception():
 def test_a_few_adam_steps_lower_the_loss():
     model = make()
     x, y = batch(8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(6):
-        loss = model.objective(model(x, y), x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, x, y, steps=6, lr=1e-3)
     assert losses[-1] < losses[0]
 
 

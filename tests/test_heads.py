@@ -14,6 +14,7 @@ from capsbench.core.errors import CapsbenchError
 from capsbench.models import MODELS, build_model, weight_options
 from capsbench.models.heads import HEADS, HeadSpec, build_head
 from capsbench.models.routing import dynamic_routing
+from tests.conftest import adam_losses
 
 # The paper's structure with small widths: 4 capsule types on the 6x6 grid, N = 144 children.
 TINY = dict(conv_channels=16, primary_types=4, decoder_hidden=(32, 64))
@@ -227,12 +228,5 @@ def test_a_few_training_steps_lower_the_loss(routing):
     torch.manual_seed(0)
     model = build_model("capsnet", routing=routing, **TINY).train()
     x, y = images(8)
-    opt_ = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(4):
-        loss = model.objective(model(x, y), x, y)
-        opt_.zero_grad()
-        loss.backward()
-        opt_.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, x, y, steps=4, lr=2e-3)
     assert losses[-1] < losses[0], losses
