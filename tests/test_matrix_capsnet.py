@@ -11,7 +11,7 @@ import torch
 from capsbench.attacks.losses import resolve_loss
 from capsbench.models import build_model
 from capsbench.models.matrix_capsnet import (
-    ConvCaps, MatrixCapsNet, MatrixCapsNetConfig, Routing, param_count, spread_loss,
+    ConvCaps, MatrixCapsNet, MatrixCapsNetConfig, PlainVotes, Routing, Votes, param_count, spread_loss,
 )  # fmt: skip
 
 SMALL = dict(A=8, B=8, C=8, D=8)
@@ -93,6 +93,22 @@ def test_votes_gradient_matches_numerical(fast: bool) -> None:
         return p, a
 
     assert torch.autograd.gradcheck(f, (pose, act), atol=1e-5, rtol=1e-4, fast_mode=fast)
+
+
+def test_plain_votes_read_and_differentiate_as_the_cpu_buffer_does() -> None:
+    """PlainVotes (GPU, torch.compile) and Votes (CPU, one in-place gradient buffer) are one function."""
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 4, 5, 4, 4, dtype=torch.float64)
+    ra, w = torch.rand(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 32, dtype=torch.float64)
+    grads = []
+    for kind in (Votes, PlainVotes):
+        x = v.clone().requires_grad_(True)
+        vv = kind(x)
+        out = (vv.sums(ra) ** 2).sum() + (vv.lin(w) ** 2).sum()
+        out.backward()
+        grads.append((out.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
 def test_uniform_votes_changes_the_output_and_restores() -> None:

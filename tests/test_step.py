@@ -149,6 +149,7 @@ def test_forward_and_loss_capture_as_one_graph(name):
     forward + loss is one graph, which CUDA graphs can replay as one launch."""
     options = GPU_FORM if name == "capsnet" else {}
     torch.manual_seed(0)
+    torch._dynamo.reset()  # a fresh cache per model: the shared code objects would hit the recompile limit
     model = build_model(name, **options)
     step = TrainStep(model, torch.optim.Adam(model.parameters()), StepOptions(CPU))
     graph = torch.compile(step.forward_loss, fullgraph=True, backend="aot_eager")  # raises on a graph break

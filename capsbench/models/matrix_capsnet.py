@@ -53,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ class Votes:
         """v (B, P, C, N, 4, 4), any strides."""
         self.bank = _Bank()  # what the graph's nodes hold: no reference back to the graph (no cycle)
         self.token = _Source.apply(v, self.bank)  # 0-dim: carries the gradient buffer back to v
-        self.shape = self.bank.vv.shape
+        self.shape, self.dtype, self.device = self.bank.vv.shape, self.bank.vv.dtype, self.bank.vv.device
 
     def sums(self, ra: Tensor) -> Tensor:
         """sum_n ra[..., n] vv[..., n, :] (B, P, C, 32) for weights ra (B, P, C, N)."""
@@ -138,6 +138,36 @@ class Votes:
     def lin(self, w: Tensor) -> Tensor:
         """vv @ w (B, P, C, N) for w (B, P, C, 32)."""
         return _Lin.apply(w, self.token, self.bank)
+
+
+class PlainVotes:
+    """The same two reads of vv through plain autograd: what torch.compile traces (the custom
+    functions above write into a buffer it cannot follow) and what a GPU, with memory to spare
+    for the per-read gradients, runs."""
+
+    def __init__(self, v: Tensor) -> None:
+        """v (B, P, C, N, 4, 4), any strides."""
+        flat = v.flatten(-2)  # (B, P, C, N, 16)
+        self.vv = torch.cat([flat, flat * flat], dim=-1)  # (B, P, C, N, 32)
+        self.shape, self.dtype, self.device = self.vv.shape, self.vv.dtype, self.vv.device
+
+    def sums(self, ra: Tensor) -> Tensor:
+        """sum_n ra[..., n] vv[..., n, :] (B, P, C, 32) for weights ra (B, P, C, N)."""
+        return (ra.unsqueeze(-2) @ self.vv).squeeze(-2)
+
+    def lin(self, w: Tensor) -> Tensor:
+        """vv @ w (B, P, C, N) for w (B, P, C, 32)."""
+        return (self.vv @ w.unsqueeze(-1)).squeeze(-1)
+
+
+AnyVotes = Union["Votes", PlainVotes]  # what the routing functions read: sums and lin
+
+
+def make_votes(v: Tensor) -> AnyVotes:
+    """``Votes`` (one in-place gradient buffer) on a CPU, ``PlainVotes`` on a GPU and under torch.compile."""
+    if v.device.type != "cpu" or torch.compiler.is_compiling():
+        return PlainVotes(v)
+    return Votes(v)
 
 
 class _Bank:
@@ -209,7 +239,7 @@ class _Lin(torch.autograd.Function):
         return (g.unsqueeze(-2) @ ctx.bank.vv).squeeze(-2), g.new_zeros(()), None
 
 
-def m_step(vv: Votes, ra: Tensor, beta_u: Tensor, beta_a: Tensor, lam: float,
+def m_step(vv: AnyVotes, ra: Tensor, beta_u: Tensor, beta_a: Tensor, lam: float,
            unit_mass: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gaussian fit of each parent to its votes weighted by R_ij a_i, and its activation.
 
@@ -225,7 +255,7 @@ def m_step(vv: Votes, ra: Tensor, beta_u: Tensor, beta_a: Tensor, lam: float,
     return lam * (beta_a - cost), mu, var
 
 
-def e_step_logits(vv: Votes, logit: Tensor, mu: Tensor, var: Tensor) -> Tensor:
+def e_step_logits(vv: AnyVotes, logit: Tensor, mu: Tensor, var: Tensor) -> Tensor:
     """log(a_j p_j(V_ij)) (B, P, C, N) in log space, the quadratic expanded so that the votes
     are streamed once: -sum_h (V - mu)^2 / 2 var = sum_h (V mu / var - V^2 / 2 var) - mu^2 / 2 var."""
     inv = 1.0 / var  # (B, P, C, 16)
@@ -234,7 +264,7 @@ def e_step_logits(vv: Votes, logit: Tensor, mu: Tensor, var: Tensor) -> Tensor:
     return lin + (F.logsigmoid(logit) + const).unsqueeze(-1)
 
 
-def em_routing(vv: Votes, a_in: Tensor, r0: Tensor | float, betas: tuple[Tensor, Tensor], iters: int,
+def em_routing(vv: AnyVotes, a_in: Tensor, r0: Tensor | float, betas: tuple[Tensor, Tensor], iters: int,
                final_lambda: float, normalize: Callable[[Tensor], Tensor], unit_mass: Tensor | float,
                inner_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """EM routing (Procedure 1), each example on its own: every op keeps the batch dimension.
@@ -248,7 +278,7 @@ def em_routing(vv: Votes, a_in: Tensor, r0: Tensor | float, betas: tuple[Tensor,
     last M-step is differentiated: about half the backward's memory traffic).
     """
     B, P, C, N, _ = vv.shape
-    R = torch.as_tensor(r0, dtype=vv.bank.vv.dtype, device=vv.bank.vv.device).expand(B, P, C, N)
+    R = torch.as_tensor(r0, dtype=vv.dtype, device=vv.device).expand(B, P, C, N)
     for t in range(iters - 1):
         with torch.set_grad_enabled(inner_grad and torch.is_grad_enabled()):
             R = em_iteration(vv, a_in, R, betas, final_lambda * (t + 1) / iters, normalize, unit_mass)
@@ -256,7 +286,7 @@ def em_routing(vv: Votes, a_in: Tensor, r0: Tensor | float, betas: tuple[Tensor,
     return torch.sigmoid(logit), mu, R
 
 
-def em_iteration(vv: Votes, a_in: Tensor, R: Tensor, betas: tuple[Tensor, Tensor], lam: float,
+def em_iteration(vv: AnyVotes, a_in: Tensor, R: Tensor, betas: tuple[Tensor, Tensor], lam: float,
                  normalize: Callable[[Tensor], Tensor], unit_mass: Tensor | float) -> Tensor:  # fmt: skip
     """One M-step and E-step at inverse temperature ``lam``: the next assignment R (B, P, C, N)."""
     logit, mu, var = m_step(vv, R * a_in.unsqueeze(2), *betas, lam, unit_mass)
@@ -291,7 +321,7 @@ class ConvCaps(nn.Module):
         cover = torch.zeros(n * g * g).index_add_(0, idx.flatten(), torch.ones(idx.numel()))
         return idx, cover
 
-    def votes(self, pose: Tensor) -> Votes:
+    def votes(self, pose: Tensor) -> AnyVotes:
         """Votes V = M W (B, L, C, N, 4, 4) of the children in each window, from child poses
         (B, n_in, 16, g, g): one batched matmul over the (kernel offset, type) pairs."""
         B, KK, L, n = pose.shape[0], self.k * self.k, self.grid_out**2, self.n_in
@@ -299,7 +329,7 @@ class ConvCaps(nn.Module):
         M = M.view(B, n, 4, 4, KK, L).permute(4, 1, 0, 5, 2, 3).reshape(KK * n, B * L * 4, 4)  # (qn, bli, j)
         W = self.W.permute(0, 1, 3, 2, 4).reshape(KK * n, 4, -1)  # (qn, j, ck)
         v = torch.bmm(M, W).view(KK, n, B, L, 4, -1, 4)  # (q, n, b, l, i, c, k)
-        return Votes(v.permute(2, 3, 5, 0, 1, 4, 6).flatten(3, 4))  # (B, L, C, N, 4, 4), a view
+        return make_votes(v.permute(2, 3, 5, 0, 1, 4, 6).flatten(3, 4))  # (B, L, C, N, 4, 4), a view
 
     def child_activations(self, act: Tensor) -> Tensor:
         """(B, n_in, g, g) -> (B, L, N), children ordered like the votes (kernel offset, type)."""
@@ -367,7 +397,7 @@ class ClassCaps(nn.Module):
         a_in = act.reshape(B, 1, D * g * g)  # children ordered (type, row, col) like the votes
         n_cls, N = v.shape[2], v.shape[3]
         it, lam, inner = self.routing
-        a, mu, R = em_routing(Votes(v.unflatten(-1, (4, 4))), a_in, 1.0 / n_cls, (self.beta_u, self.beta_a),
+        a, mu, R = em_routing(make_votes(v.unflatten(-1, (4, 4))), a_in, 1.0 / n_cls, (self.beta_u, self.beta_a),
                               iters or it, lam, lambda z: torch.softmax(z, dim=2), N / n_cls, inner)  # fmt: skip
         return a[:, 0], mu[:, 0], R[:, 0].transpose(1, 2)
 
