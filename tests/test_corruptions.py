@@ -347,14 +347,12 @@ def test_the_part_reads_released_folders_instead(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_corruptions_suite_runs_end_to_end_on_smoke(shared_cache, tmp_path):
+def test_the_main_job_runs_the_corruptions_part_on_smoke(robustness_smoke):
+    """The main job (tests/conftest.py runs it once at smoke size) writes the corruptions table,
+    its plots and headline; the corruptions suite itself runs in tests/test_suites.py."""
     import pandas as pd
 
-    from capsbench.cli import main
-
-    out = tmp_path / "run"
-    assert main(["run", "corruptions", "--preset", "smoke", "--device", "cpu", "--out", str(out),
-                 "--data-dir", str(shared_cache), "--no-progress"]) == 0  # fmt: skip
+    out = robustness_smoke
     df = pd.read_csv(out / "tables" / "corruptions.csv")
     assert tuple(df.columns) == COLUMNS and set(df.model) == {"capsnet", "cnn-pooled"}
     assert set(df.corruption) == {"clean", "mean", *NAMES} and (df[df.corruption != "mean"].n == 64).all()
