@@ -155,7 +155,8 @@ def check_datasets(parts: list[str], dataset: str) -> None:
     for p in parts:
         takes = PARTS.get(p).datasets
         if takes is not None and dataset not in takes:
-            raise CapsbenchError(f"part {p} runs on {', '.join(takes)} only (its protocol is built on MNIST's digits), "
+            built = "MNIST's digits" if takes == ("mnist",) else "that data"
+            raise CapsbenchError(f"part {p} runs on {', '.join(takes)} only (its protocol is built on {built}), "
                                  f"not train.dataset={dataset}; parts for any dataset: "
                                  f"{', '.join(n for n in PARTS.names() if PARTS.get(n).datasets is None)}")  # fmt: skip
 

@@ -94,9 +94,16 @@ def routing_case(data, root):
     return tr.routing_case(data, root)
 
 
+def viewpoints_case(data, root):
+    from tests import test_viewpoints as tv
+
+    return tv.viewpoints_case(root)  # tiny format-true smallNORB files, not the MNIST digits
+
+
 CASES = {"affine": affine_case, "adversarial": adversarial_case, "capsules": capsules_case,
          "corruptions": corruptions_case, "multimnist": multimnist_case, "routing": routing_case,
-         "throughput": throughput_case, "tta": tta_case, "table1": table1_case}  # fmt: skip
+         "throughput": throughput_case, "tta": tta_case, "table1": table1_case,
+         "viewpoints": viewpoints_case}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

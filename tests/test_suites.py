@@ -22,7 +22,8 @@ COLUMNS = {
 }
 PART_TABLES = {"affine": ["affine"], "adversarial": ["adversarial"], "throughput": ["throughput"],
                "capsules": ["capsules_reconstruction", "capsules_routing"], "tta": ["tta", "tta_curve"],
-               "corruptions": ["corruptions"], "routing": ["routing", "routing_stats"]}
+               "corruptions": ["corruptions"], "routing": ["routing", "routing_stats"],
+               "viewpoints": ["viewpoints", "viewpoints_checks"]}
 
 
 def run(suite: str, out, cache, *extra: str) -> int:
@@ -47,6 +48,10 @@ def test_suite_runs_end_to_end_on_smoke(suite, shared_cache, tmp_path, capsys, r
     if suite == "robustness":  # run once for the session (tests/conftest.py), as the printed path shows
         out = request.getfixturevalue("robustness_smoke")
     else:
+        if suite == "viewpoints":  # smallNORB is not offline: tiny format-true files in the shared cache
+            from tests.test_viewpoints import cache_tiny_smallnorb
+
+            cache_tiny_smallnorb(shared_cache)
         out = tmp_path / "run"
         assert run(suite, out, shared_cache) == 0
         assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)  # the folder path is printed last

@@ -48,6 +48,20 @@ def _window(x: Tensor, top: Tensor, left: Tensor, H: int, W: int) -> Tensor:
     return x.reshape(B, C, Hp * Wp).gather(2, flat.view(B, 1, -1).expand(B, C, -1)).view(B, C, H, W)
 
 
+def random_crop(x: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """An independent random (size, size) window of each image (B, C, H, W), any dtype (the EM
+    paper's smallNORB training crops: 32x32 of 48x48)."""
+    B, _, H, W = x.shape
+    pos = torch.randint(0, min(H, W) - size + 1, (2, B), device=x.device, generator=generator)
+    return _window(x, pos[0], pos[1], size, size)
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central (size, size) window of every image (B, C, H, W) (the EM paper's test crop)."""
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
 def random_canvas(x: Tensor, canvas: int = 40, generator: torch.Generator | None = None) -> Tensor:
     """Place each digit at an independent random integer position on a zero canvas (affNIST: 40)."""
     B, _, H, W = x.shape

@@ -28,18 +28,20 @@ from capsbench.core.errors import CapsbenchError
 from capsbench.report import preconditions
 from capsbench.report.preconditions import Precondition
 from capsbench.report.select import select_rows
-from capsbench.report.stats import newcombe_interval, seed_summary, wilson_interval
+from capsbench.report.stats import newcombe_interval, ratio_interval, seed_summary, wilson_interval
 from capsbench.report.tables import known_tables
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not run")
 FIELDS = ("source", "statement", "paper_value", "unit", "metric", "protocol", "model", "options", "part", "table",
           "value", "where")
-VALUES = ("accuracy", "error", "params", "detection")  # detection: detected / fooled (detection tables)
+# detection: detected / fooled (detection tables); error_reduction: 100 x (1 - error / error of `minus`),
+# the relative reduction of errors against the compared model on the same images (a `minus` claim)
+VALUES = ("accuracy", "error", "params", "detection", "error_reduction")
 # Sanity-check keys a claim may list (``checks``): a failed one, for the claim's model or the
 # model it is compared with, makes the verdict inconclusive. Written by the parts into
 # tables/<claim part>_checks.csv.
 CHECK_KEYS = ("eps0", "monotone", "iterative", "near-zero", "transfer", "square", "convergence", "restarts", "worst",
-              "detector")
+              "detector", "familiar-azimuth", "familiar-elevation")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def _claim(cid: str, raw: dict[str, Any], tables: dict[str, tuple[str, ...]]) ->
         raise CapsbenchError(f"claim {cid!r}: band [{lo}, {hi}] is empty")
     if raw["value"] not in VALUES:
         raise CapsbenchError(f"claim {cid!r}: value must be one of {', '.join(VALUES)}, got {raw['value']!r}")
+    if raw["value"] == "error_reduction" and not raw.get("minus"):
+        raise CapsbenchError(f"claim {cid!r}: value error_reduction needs `minus`, the model whose errors it reduces")
     checks = raw.get("checks", [])
     bad = [c for c in checks if c not in CHECK_KEYS] if isinstance(checks, list) else [checks]
     if bad:
@@ -146,12 +150,24 @@ def _proportions(claim: Claim, rows: pd.DataFrame) -> dict[int, tuple[float, int
         n = int(r.n)
         if claim.value == "detection":
             k, n = r.detected, int(r.fooled)
-        elif claim.value == "error":
+        elif claim.value in ("error", "error_reduction"):
             k = r.error * n if "error" in rows.columns else n - r.accuracy * n
         else:
             k = r.correct if "correct" in rows.columns else r.accuracy * n
         out[int(getattr(r, "seed", 0))] = (float(k), n)
     return out
+
+
+def _value(claim: Claim, a: tuple[float, int], b: tuple[float, int] | None) -> float:
+    """One seed's value in the claim's unit: 100 x the proportion, minus the compared model's, or
+    for error_reduction 100 x (1 - the error ratio) (NaN when the compared model made no error)."""
+    pa = a[0] / a[1]
+    if b is None:
+        return 100 * pa
+    pb = b[0] / b[1]
+    if claim.value == "error_reduction":
+        return 100 * (1 - pa / pb) if pb > 0 else math.nan
+    return 100 * (pa - pb)
 
 
 def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | None:
@@ -173,13 +189,17 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
     seeds = sorted(set(a) & set(b)) if claim.minus else sorted(a)
     if not seeds:
         return None
-    vals = [100 * (a[s][0] / a[s][1] - (b[s][0] / b[s][1] if claim.minus else 0.0)) for s in seeds]
+    vals = [_value(claim, a[s], b.get(s)) for s in seeds]
     if len(seeds) > 1:
         st = seed_summary(vals)
         return {"mean": st["mean"], "ci_low": st["ci_low"], "ci_high": st["ci_high"], "n_seeds": len(seeds),
                 "chosen": chosen, "method": f"t-interval over {len(seeds)} seeds", "failed": failed}  # fmt: skip
     (k1, n1) = a[seeds[0]]
-    if claim.minus:
+    if claim.value == "error_reduction":
+        lo_r, hi_r = ratio_interval(k1, n1, *b[seeds[0]])
+        lo, hi = (1 - hi_r, 1 - lo_r)
+        method = f"Katz log interval of the error ratio, n={n1} images, 1 seed"
+    elif claim.minus:
         lo, hi = newcombe_interval(k1, n1, *b[seeds[0]])
         method = f"Newcombe interval, n={n1} images, 1 seed"
     else:

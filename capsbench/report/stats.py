@@ -75,3 +75,16 @@ def roc_auc(negatives: list[float], positives: list[float]) -> float:
         lo, hi = bisect.bisect_left(neg, p), bisect.bisect_right(neg, p)
         below, equal = below + lo, equal + (hi - lo)
     return (below + equal / 2) / (len(neg) * len(positives))
+
+
+def ratio_interval(k1: float, n1: int, k2: float, n2: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval for the ratio of two proportions (k1/n1) / (k2/n2), Katz et al. 1978's log method;
+    a zero count gets 0.5 added to it (Haldane), so the interval stays finite."""
+    if min(n1, n2) <= 0:
+        return (math.nan, math.nan)
+    if k1 == 0 or k2 == 0:
+        k1, k2 = k1 + 0.5, k2 + 0.5
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    log_ratio = math.log((k1 / n1) / (k2 / n2))
+    half = z * math.sqrt(max(1 / k1 - 1 / n1 + 1 / k2 - 1 / n2, 0.0))
+    return (math.exp(log_ratio - half), math.exp(log_ratio + half))

@@ -50,7 +50,7 @@ def run_seeds(r: Resolved, req: RunRequest) -> tuple[int, ...]:
     return tuple(req.seeds) or (r.train.seed,)
 
 
-CLAIM_SUITES = ("paper", "routing")  # the suites that evaluate their parts' claims unasked
+CLAIM_SUITES = ("paper", "routing", "viewpoints")  # the suites that evaluate their parts' claims unasked
 
 
 def select_claims(r: Resolved, ids: tuple[str, ...]) -> tuple[tuple[Any, ...] | None, Resolved]:

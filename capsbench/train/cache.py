@@ -106,9 +106,10 @@ def as_recipe(spec: TrainConfig | Recipe) -> Recipe:
 
 
 def recipe_data(recipe: Recipe, data: Any, root: str | Path | None) -> Any:
-    """The data a recipe trains on: its TrainConfig's dataset (the other recipes are MNIST parts'),
-    ``data`` when given (refused when it is another dataset), else loaded."""
-    name = recipe.cfg.dataset if isinstance(recipe, MnistRecipe) else "mnist"
+    """The data a recipe trains on: its TrainConfig's dataset, else the recipe's ``dataset``
+    (MNIST for the MNIST parts' recipes, which have none), ``data`` when given (refused when it is
+    another dataset), else loaded."""
+    name = recipe.cfg.dataset if isinstance(recipe, MnistRecipe) else getattr(recipe, "dataset", "mnist")
     if data is None:
         return load_dataset(name, root)
     if getattr(data, "name", name) != name:
