@@ -143,6 +143,7 @@ def test_checks_are_recorded_with_keys_claims_know(part_result):
     assert "Reconstruction detector" in s and "log(l / (1 - l))" in s
 
 
+@pytest.mark.slow  # runs the whole part a second time
 def test_part_is_seeded_and_shows_its_progress(part_result, capsys):
     ctx, cfg, res = part_result
     again = run_adversarial(dataclasses.replace(ctx, progress=True), cfg)

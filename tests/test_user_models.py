@@ -184,6 +184,7 @@ def test_an_entry_point_is_found_lazily(tmp_path, monkeypatch):
             sys.modules.pop(m, None)
 
 
+@pytest.mark.slow  # a subprocess import
 def test_importing_capsbench_reads_no_entry_points():
     code = textwrap.dedent("""
         import importlib.metadata as md

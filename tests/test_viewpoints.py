@@ -142,6 +142,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # trains two tiny models per split
 def test_the_part_writes_its_columns_stops_at_the_target_and_checks_the_match(tmp_path, one_thread, capsys):
     p = PARTS.get("viewpoints")
     ctx, cfg = viewpoints_case(tmp_path)
