@@ -108,10 +108,13 @@ def from_download(spec: DatasetSpec, root: Path) -> Dataset:
 
 
 def not_cached(spec: DatasetSpec, why: str = "") -> CapsbenchError:
-    return CapsbenchError(
-        f"{spec.name} is not cached{f' ({why})' if why else ''}: run `python -m capsbench data fetch {spec.name}` "
-        f"with internet access, or `data fetch {spec.name} --dir DIR` with its original files ({spec.files})"
-    )
+    """The one line for a dataset that is not in the cache: how to fetch it (a download only where
+    torchvision distributes it)."""
+    files = f"`python -m capsbench data fetch {spec.name} --dir DIR` with its original files ({spec.files})"
+    how = (f"run `python -m capsbench data fetch {spec.name}` with internet access, or {files}" if spec.download
+           else f"download its files yourself (torchvision does not distribute {spec.name}; see docs/datasets.md) "
+                f"and run {files}")  # fmt: skip
+    return CapsbenchError(f"{spec.name} is not cached{f' ({why})' if why else ''}: {how}")
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, folder: str | os.PathLike | None = None,
