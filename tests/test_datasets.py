@@ -319,7 +319,7 @@ def test_the_default_dataset_leaves_every_mnist_cache_key_unchanged(name):
         assert options == model_options(name, input_size=28)
         old = {"model": name, "options": weight_options(name, model_options(name, input_size=28)),
                "train": {k: getattr(cfg, k) for k in OLD_TRAIN_KEYS}, "device": "cpu",
-               "precision": str(amp_dtype(CPU, cfg.amp)), "code": TRAIN_CODE_VERSION}  # fmt: skip
+               "precision": str(amp_dtype(CPU, cfg.amp, training=True)), "code": TRAIN_CODE_VERSION}  # fmt: skip
         assert key == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
         assert folder.name == f"{name}-{key}"
 

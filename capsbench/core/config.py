@@ -26,7 +26,8 @@ from capsbench.core.errors import CapsbenchError
 C = TypeVar("C")
 
 # The one precision vocabulary (training, evaluation, attacks, throughput): auto = bf16 autocast
-# on CUDA and fp32 on the CPU. "off" is accepted as an older spelling of "fp32".
+# on CUDA; on a CPU, bf16 for training where the CPU multiplies bf16 natively and fp32 otherwise
+# and for evaluation (core/device.py: amp_dtype). "off" is accepted as an older spelling of "fp32".
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISION_ALIASES = {"off": "fp32"}
 # When a field enters the weight cache key: always, or only when it differs from its default.

@@ -54,14 +54,15 @@ class CapsNetConfig:
     routing_chunk: int = opt(0, ge=0, in_key=False)
     # How Conv1 + PrimaryCaps are computed: "direct" (F.conv2d), "spectral" (PrimaryCaps in the
     # frequency domain, ~4x fewer multiply-adds; see models/spectral.py), or "auto": spectral for
-    # fp32 CPU training and inference, direct on a GPU (cuDNN), under autocast and when the input
-    # needs a gradient (attacks), unless ``allow_fast_input_grads`` (iterative attacks).
+    # CPU training and inference (fp32, or bf16 autocast with bf16 products), direct on a GPU
+    # (cuDNN), under other autocast and when the input needs a gradient (attacks), unless
+    # ``allow_fast_input_grads`` (iterative attacks, fp32 only).
     primary_conv: PrimaryConv = opt("auto", in_key=False)
     # How routing is computed: "plain" (broadcast multiply-and-sum over (B, N, C, D) predictions,
     # differentiated by autograd; torch.compile fuses it on a GPU), "parent-major" ((B, C, N, D)
     # predictions, batched matrix-vector products and a hand-written backward; see
-    # models/routing.py), or "auto": parent-major where "auto" primary_conv picks spectral (fp32
-    # CPU, no autocast, no input gradient unless allowed), plain elsewhere.
+    # models/routing.py), or "auto": parent-major where "auto" primary_conv picks spectral (see
+    # cpu_fast_path), plain elsewhere.
     routing_impl: RoutingImpl = opt("auto", in_key=False)
     recon_weight: float = opt(0.0005, ge=0)
     decoder_hidden: tuple[int, int] = opt((512, 1024), ge=1)
@@ -86,13 +87,17 @@ class CapsNetConfig:
 
 
 def cpu_fast_path(x: Tensor, input_grads: bool = False) -> bool:
-    """Whether the "auto" options take the CPU fast paths for input x: fp32 on a CPU without
-    autocast (GPUs keep cuDNN and compiled routing), and no input gradient unless
-    ``input_grads`` (the model's ``allow_fast_input_grads``: iterative attacks). Single-step
-    attacks keep the plain paths: a fast path's rounding (~1e-6 of the largest gradient) could
-    flip the sign of a near-zero pixel gradient, and FGSM moves every pixel by eps."""
-    plain = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return plain and (input_grads or not x.requires_grad)
+    """Whether the "auto" options take the CPU fast paths for input x: fp32 on a CPU (GPUs keep
+    cuDNN and compiled routing), without autocast or under bf16 autocast (training where the CPU
+    multiplies bf16 natively: the spectral products then run in bf16), and no input gradient
+    unless ``input_grads`` (the model's ``allow_fast_input_grads``: iterative attacks, in fp32
+    only). Single-step attacks keep the plain paths: a fast path's rounding (~1e-6 of the largest
+    gradient) could flip the sign of a near-zero pixel gradient, and FGSM moves every pixel by eps."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and not x.requires_grad
+    return input_grads or not x.requires_grad
 
 
 class _ReachedPixels(torch.autograd.Function):
@@ -204,10 +209,11 @@ class CapsNet(CapsuleModel):
         if torch.is_grad_enabled() and w.requires_grad:
             self._spectra = None
             return None  # training or attacking: recomputed in the graph
-        key = (w._version, w.data_ptr(), w.dtype, w.device, x.dtype, x.shape[-1])
+        low = spectral.product_dtype(x)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, low, x.shape[-1])
         if self._spectra is None or self._spectra[0] != key:
-            with torch.no_grad():
-                self._spectra = (key, spectral.weight_spectra(w.to(x.dtype), spectral.phase_side(x.shape[-1])))
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                self._spectra = (key, spectral.weight_spectra(w.to(low), spectral.phase_side(x.shape[-1])))
         return self._spectra[1]
 
     def predictions(self, u: Tensor, w: Tensor | None = None) -> Tensor:

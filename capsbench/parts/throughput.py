@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from capsbench.core.allocator import cpu_allocator_tuned
 from capsbench.core.config import Precision, opt, weight_fields
-from capsbench.core.device import amp_dtype, describe
+from capsbench.core.device import amp_dtype, describe, dtype_label
 from capsbench.core.timing import count_macs, peak_memory_mb, reset_peak_memory, summarize, synchronize, time_fn
 from capsbench.models import BenchModel, CapsNetConfig, build_model
 from capsbench.parts.base import Check, PartResult, RunContext, part
@@ -46,15 +46,11 @@ class ThroughputConfig:
     modes: list[Mode] = opt(factory=lambda: ["train", "inference"], nonempty=True)
     routing_iters: list[int] = opt(factory=lambda: [1, 2, 3, 5], ge=1)  # CapsNet cost vs iterations
     routing_batch_size: int = opt(128, ge=1)  # the one batch size of the routing sweep
-    dtypes: list[Precision] = opt(factory=lambda: ["auto"], nonempty=True)  # auto: bf16 on CUDA, fp32 on the CPU
+    dtypes: list[Precision] = opt(factory=lambda: ["auto"], nonempty=True)  # auto: bf16 on CUDA; CPU: bf16 training where native, fp32 (core/device.py)
     compile: list[bool] = opt(factory=lambda: [False], nonempty=True)  # torch.compile forward + loss
     compile_mode: CompileMode = "default"  # inductor mode of the compiled settings (reduce-overhead: CUDA graphs)
     channels_last: list[bool] = opt(factory=lambda: [False], nonempty=True)  # NHWC convolutions
     max_seconds: float = opt(60.0, gt=0)  # per model and sweep: larger batch sizes are skipped once spent
-
-
-def dtype_label(dtype: torch.dtype | None) -> str:
-    return "bf16" if dtype is torch.bfloat16 else "fp32"
 
 
 def is_oom(e: BaseException) -> bool:
@@ -182,7 +178,7 @@ def sweep_model(name: str, model: BenchModel, ctx: RunContext, cfg: ThroughputCo
             oom.append(f"{mode} {batch}")
             continue
         budget.record(key, batch, r["step_ms_median"])
-        rows.append({**static, **r, "model": name, "mode": mode, "dtype": dtype_label(amp_dtype(ctx.device, dname)),
+        rows.append({**static, **r, "model": name, "mode": mode, "dtype": dtype_label(amp_dtype(ctx.device, dname, mode == "train")),
                      "batch_size": batch, "compile": compiled, "compile_mode": cfg.compile_mode if compiled else "",
                      "channels_last": nhwc})  # fmt: skip
     if skipped:
@@ -203,7 +199,7 @@ ROUTING_COLUMNS = ["model", "routing_iters", "mode", "batch_size", "samples_per_
 def measure_setting(model: BenchModel, mode: str, batch: int, ctx: RunContext, cfg: ThroughputConfig, dname: str,
                     compiled: bool, channels_last: bool) -> tuple[dict[str, float] | None, str]:  # fmt: skip
     """(``measure``'s result, "") or, when torch.compile fails, (None, what failed)."""
-    options = StepOptions(ctx.device, amp_dtype(ctx.device, dname), compiled, cfg.compile_mode, channels_last)
+    options = StepOptions(ctx.device, amp_dtype(ctx.device, dname, mode == "train"), compiled, cfg.compile_mode, channels_last)
     try:
         return measure(model, mode, batch, options, cfg, ctx.seed, ctx.channels), ""
     except CompileFailed as e:
@@ -226,12 +222,13 @@ def with_routing_iters(name: str, tm: Any, iters: int, device: torch.device) -> 
 
 def routing_sweep(name: str, tm: Any, ctx: RunContext, cfg: ThroughputConfig, notes: list[str]) -> list[dict[str, Any]]:
     """CapsNet images/s at ``routing_batch_size`` for each routing-iteration count (first dtype, eager)."""
-    dtype, batch = amp_dtype(ctx.device, cfg.dtypes[0]), cfg.routing_batch_size
+    batch = cfg.routing_batch_size
     budget, rows, skipped = Budget(cfg.max_seconds, cfg.warmup + cfg.repeats), [], []
     for iters in tqdm(sorted(set(cfg.routing_iters)), desc=f"routing {name}", disable=not ctx.progress,
                       file=sys.stderr, dynamic_ncols=True):  # fmt: skip
         variant = with_routing_iters(name, tm, iters, ctx.device)
         for mode in cfg.modes:
+            dtype = amp_dtype(ctx.device, cfg.dtypes[0], mode == "train")
             options = StepOptions(ctx.device, dtype)
             allowed = budget.allows(mode, batch)
             r = measure(variant, mode, batch, options, cfg, ctx.seed, ctx.channels) if allowed else None

@@ -61,7 +61,7 @@ class TimeToAccuracyConfig:
     train_n: int = opt(0, ge=0)  # training images (0 = all 60,000)
     augment: Literal["shift", "none"] = "shift"  # shift: the paper's random shifts of up to max_shift px (28x28)
     max_shift: int = opt(2, ge=0)
-    amp: Precision = opt("auto", aliases=PRECISION_ALIASES)  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    amp: Precision = opt("auto", aliases=PRECISION_ALIASES)  # auto: bf16 on CUDA; CPU: bf16 training where native, fp32 (core/device.py)
     compile: bool = False  # torch.compile forward + loss (falls back to eager with a notice)
     compile_mode: CompileMode = "default"  # inductor mode (reduce-overhead / max-autotune: CUDA graphs on a GPU)
     channels_last: bool = False  # NHWC convolutions

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from capsbench.core import atomic
-from capsbench.core.device import amp_dtype
+from capsbench.core.device import amp_dtype, dtype_label
 from capsbench.core.env import environment
 from capsbench.core.errors import CapsbenchError
 from capsbench.core.lock import file_lock
@@ -84,8 +84,8 @@ class MnistRecipe:
 
     def key(self, device: torch.device) -> dict[str, Any]:
         cfg = self.cfg
-        return {"train": cfg.weight_key(), "device": device.type, "precision": str(amp_dtype(device, cfg.amp)),
-                "code": TRAIN_CODE_VERSION}  # fmt: skip
+        return {"train": cfg.weight_key(), "device": device.type,
+                "precision": str(amp_dtype(device, cfg.amp, training=True)), "code": TRAIN_CODE_VERSION}  # fmt: skip
 
     def meta(self) -> dict[str, Any]:
         return {"train": self.cfg.weight_key(), "preset": self.cfg.description}
@@ -178,6 +178,7 @@ def get_trained(
         result = trainer.run()
         meta = {
             "model": name, "options": options, **recipe.meta(), "key": key, **result.fields(),
+            "precision": dtype_label(task.dtype),  # training's autocast dtype
             "params": model.num_params(), "history": result.history, "created_unix": started,
             "env": environment(device),
         }  # fmt: skip

@@ -37,7 +37,7 @@ class TrainConfig:
     test_subset: int = opt(0, ge=0, in_key=False)  # 0 = all 10000 test images (the accuracy printed while training)
     log_every: int = opt(50, gt=0, in_key=False)  # steps between host reads of loss/accuracy (the only syncs)
     checkpoint_every: int = opt(1000, gt=0, in_key=False)
-    amp: Precision = opt("auto", aliases=PRECISION_ALIASES)  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    amp: Precision = opt("auto", aliases=PRECISION_ALIASES)  # auto: bf16 on CUDA; CPU: bf16 training where native, fp32 (core/device.py)
     compile: bool = opt(False, in_key=False)  # torch.compile forward + loss (falls back to eager with a notice)
     compile_mode: CompileMode = opt("default", in_key=False)  # reduce-overhead / max-autotune: CUDA graphs on a GPU
     channels_last: bool = opt(False, in_key=False)  # NHWC convolution weights and inputs (cuDNN's tensor-core layout)

@@ -15,7 +15,7 @@ from typing import Any
 from capsbench.train.config import TrainConfig
 
 RECORD_COLUMNS = ("model", "dataset", "options", "seed", "params", "augment", "input_size", "steps", "batch_size",
-                  "images_seen", "epochs", "schedule", "test_accuracy", "test_n", "converged", "convergence", "floor",
+                  "precision", "images_seen", "epochs", "schedule", "test_accuracy", "test_n", "converged", "convergence", "floor",
                   "meets_floor", "train_seconds", "from_cache", "key")  # fmt: skip
 
 
@@ -59,7 +59,8 @@ def training_record(name: str, meta: dict[str, Any], cfg: TrainConfig, train_ima
         "model": name, "dataset": train.get("dataset", "mnist"), "options": json.dumps(options, sort_keys=True),
         "seed": seed, "params": meta["params"],
         "augment": train["augment"], "input_size": int(options.get("input_size", 28)), "steps": steps,
-        "batch_size": bs, "images_seen": images,
+        "batch_size": bs, "precision": meta.get("precision", ""),  # "" for entries cached before it was recorded
+        "images_seen": images,
         "epochs": round(images / n_train, 3), "schedule": train.get("schedule", "paper"),
         "test_accuracy": acc, "test_n": n, "converged": ok, "convergence": why,
         "floor": cfg.floor, "meets_floor": acc >= cfg.floor, "train_seconds": float(meta["train_seconds"]),

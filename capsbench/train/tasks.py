@@ -129,12 +129,16 @@ class MnistTask(Task):
     epoch's end and after the run."""
 
     def __init__(self, cfg: TrainConfig, data: Any, device: torch.device) -> None:
-        options = StepOptions(device, amp_dtype(device, cfg.amp), cfg.compile, cfg.compile_mode, cfg.channels_last)
+        train_dtype = amp_dtype(device, cfg.amp, training=True)
+        options = StepOptions(device, train_dtype, cfg.compile, cfg.compile_mode, cfg.channels_last)
         super().__init__(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, options=options,
                          schedule=cfg.lr_schedule(), log_every=cfg.log_every,
                          checkpoint_every=cfg.checkpoint_every, input_size=cfg.input_size,
                          protocol=f"{cfg.dataset}, augment={cfg.augment}, canvas={cfg.canvas}")  # fmt: skip
         self.cfg = cfg
+        # Test accuracy in the precision the parts evaluate in (fp32 on a CPU under auto, where
+        # training may run under bf16 autocast), so models.csv reports the model the tables test.
+        self.eval_dtype = amp_dtype(device, cfg.amp)
         n = min(cfg.train_subset or len(data.train_x), len(data.train_x))  # a subset larger than the data = all of it
         self.train_x, self.train_y = data.train_x[:n].to(device), data.train_y[:n].to(device)
         m = cfg.test_subset or len(data.test_x)
@@ -167,7 +171,7 @@ class MnistTask(Task):
         checkpoint.set_rng_state(state, self.gen)
 
     def test_accuracy(self, model: BenchModel, batch_size: int = 500) -> tuple[float, int]:
-        return evaluate(model, self.test_x, self.test_y, lambda xb: test_inputs(self.cfg, xb), batch_size, self.dtype)
+        return evaluate(model, self.test_x, self.test_y, lambda xb: test_inputs(self.cfg, xb), batch_size, self.eval_dtype)
 
     def eval_due(self, step: int) -> bool:
         return step % self.eval_steps == 0 and step < self.steps  # the last step has final()
