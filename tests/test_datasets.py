@@ -368,7 +368,7 @@ def test_mnist_only_parts_refuse_other_data_in_one_line(part):
         resolved({"models": ["capsnet"], "parts": [part]}, "train.dataset=fashion-mnist")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"part {part} runs on mnist only") and "train.dataset=fashion-mnist" in msg
-    assert "parts for any dataset: adversarial, table1, throughput" in msg
+    assert "parts for any dataset: adversarial, routing-iterations, table1, throughput" in msg
 
 
 def test_the_dataset_precondition_keeps_mnist_claims_off_other_data():

@@ -94,6 +94,12 @@ def routing_case(data, root):
     return tr.routing_case(data, root)
 
 
+def routing_iterations_case(data, root):
+    from tests import test_routing_iterations as tr
+
+    return tr.routing_iterations_case(data, root)
+
+
 def viewpoints_case(data, root):
     from tests import test_viewpoints as tv
 
@@ -102,6 +108,7 @@ def viewpoints_case(data, root):
 
 CASES = {"affine": affine_case, "adversarial": adversarial_case, "capsules": capsules_case,
          "corruptions": corruptions_case, "multimnist": multimnist_case, "routing": routing_case,
+         "routing-iterations": routing_iterations_case,
          "throughput": throughput_case, "tta": tta_case, "table1": table1_case,
          "viewpoints": viewpoints_case}  # fmt: skip
 

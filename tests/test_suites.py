@@ -23,6 +23,7 @@ COLUMNS = {
 PART_TABLES = {"affine": ["affine"], "adversarial": ["adversarial"], "throughput": ["throughput"],
                "capsules": ["capsules_reconstruction", "capsules_routing"], "tta": ["tta", "tta_curve"],
                "corruptions": ["corruptions"], "routing": ["routing", "routing_stats"],
+               "routing-iterations": ["routing_iterations"],
                "viewpoints": ["viewpoints", "viewpoints_checks"]}
 
 

@@ -64,6 +64,14 @@ class Claim:
     train: dict[str, Any] = field(default_factory=dict)  # training-config overrides of this claim's model
     checks: tuple[str, ...] = ()  # sanity-check keys (CHECK_KEYS) that must pass for a verdict
     requires: tuple[Precondition, ...] = ()  # what the measurement needs to be meaningful (preconditions.py)
+    # A difference against the best of several rows: column -> values; per seed the best (lowest
+    # error, highest accuracy) of the rows of `minus` (or of `model` itself) at those values.
+    best_of: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def compares(self) -> bool:
+        """Whether the claim is a difference (against `minus` or the best of `best_of`'s rows)."""
+        return bool(self.minus or self.best_of)
 
     @property
     def tolerance_rule(self) -> str:
@@ -96,10 +104,14 @@ def _claim(cid: str, raw: dict[str, Any], tables: dict[str, tuple[str, ...]]) ->
     if bad:
         raise CapsbenchError(f"claim {cid!r}: unknown check {bad[0]!r}; known checks: {', '.join(CHECK_KEYS)}")
     requires = preconditions.parse(cid, raw["requires"], tables) if "requires" in raw else ()
+    best_of = raw.get("best_of", {})
+    lists = isinstance(best_of, dict) and all(isinstance(v, list) and v for v in best_of.values())
+    if not (lists and len(best_of) <= 1):
+        raise CapsbenchError(f"claim {cid!r}: best_of must be one column = a non-empty list of values, got {best_of!r}")
     return Claim(cid, raw["source"], raw["statement"], float(raw["paper_value"]), raw["unit"], raw["metric"],
                  raw["protocol"], raw["model"], (lo, hi), dict(raw["options"]), raw["part"], raw["table"],
                  raw["value"], dict(raw["where"]), raw.get("minus", ""), dict(raw.get("train", {})),
-                 tuple(checks), requires)  # fmt: skip
+                 tuple(checks), requires, dict(best_of))  # fmt: skip
 
 
 def load_claims(text: str | None = None) -> dict[str, Claim]:
@@ -170,6 +182,25 @@ def _value(claim: Claim, a: tuple[float, int], b: tuple[float, int] | None) -> f
     return 100 * (pa - pb)
 
 
+def _compared(claim: Claim, df: pd.DataFrame, chosen: dict[str, Any]) -> tuple[dict[int, tuple[float, int]], str]:
+    """seed -> (count, n) of what the claim's model is compared with: `minus` on the same rows, or
+    per seed the best of `best_of`'s rows (lowest error, highest accuracy); and a note saying which."""
+    if not claim.best_of:
+        return _proportions(claim, select_rows(df, claim.minus, chosen)[0]), ""
+    ((col, values),) = claim.best_of.items()
+    lower = claim.value in ("error", "error_reduction")  # a count of errors: fewer is better
+    best: dict[int, tuple[float, int]] = {}
+    picked: dict[int, Any] = {}
+    for v in values:
+        rows = select_rows(df, claim.minus or claim.model, {**chosen, col: v})[0]
+        for seed, (k, n) in _proportions(claim, rows).items():
+            p, held = k / n, best.get(seed)
+            if held is None or (p < held[0] / held[1] if lower else p > held[0] / held[1]):  # ties: the first listed
+                best[seed], picked[seed] = (k, n), v
+    note = ", ".join(f"seed {s}: {col} = {v}" for s, v in sorted(picked.items()))
+    return best, f"against the best of {col} = {', '.join(map(str, values))} ({note})" if picked else ""
+
+
 def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | None:
     """Mean and 95% interval of the claim's quantity (in its unit) from a run's tables; None when
     the run has no such measurement. One seed: Wilson (or Newcombe for a difference) over the n
@@ -185,28 +216,30 @@ def measure(claim: Claim, tables: dict[str, pd.DataFrame]) -> dict[str, Any] | N
         return {"mean": v, "ci_low": v, "ci_high": v, "n_seeds": 1, "chosen": chosen, "method": "exact count"}
     failed = sorted({int(getattr(r, "seed", 0)) for r in rows.itertuples() if getattr(r, "train_failed", False)})
     a = _proportions(claim, rows)
-    b = _proportions(claim, select_rows(df, claim.minus, chosen)[0]) if claim.minus else {}
-    seeds = sorted(set(a) & set(b)) if claim.minus else sorted(a)
+    b, against = _compared(claim, df, chosen) if claim.compares else ({}, "")
+    seeds = sorted(set(a) & set(b)) if claim.compares else sorted(a)
     if not seeds:
         return None
     vals = [_value(claim, a[s], b.get(s)) for s in seeds]
+    against = f", {against}" if against else ""
     if len(seeds) > 1:
         st = seed_summary(vals)
+        method = f"t-interval over {len(seeds)} seeds{against}"
         return {"mean": st["mean"], "ci_low": st["ci_low"], "ci_high": st["ci_high"], "n_seeds": len(seeds),
-                "chosen": chosen, "method": f"t-interval over {len(seeds)} seeds", "failed": failed}  # fmt: skip
+                "chosen": chosen, "method": method, "failed": failed}  # fmt: skip
     (k1, n1) = a[seeds[0]]
     if claim.value == "error_reduction":
         lo_r, hi_r = ratio_interval(k1, n1, *b[seeds[0]])
         lo, hi = (1 - hi_r, 1 - lo_r)
         method = f"Katz log interval of the error ratio, n={n1} images, 1 seed"
-    elif claim.minus:
+    elif claim.compares:
         lo, hi = newcombe_interval(k1, n1, *b[seeds[0]])
         method = f"Newcombe interval, n={n1} images, 1 seed"
     else:
         lo, hi = wilson_interval(k1, n1)
         method = f"Wilson interval, n={n1} images, 1 seed"
-    return {"mean": vals[0], "ci_low": 100 * lo, "ci_high": 100 * hi, "n_seeds": 1, "chosen": chosen, "method": method,
-            "failed": failed}
+    return {"mean": vals[0], "ci_low": 100 * lo, "ci_high": 100 * hi, "n_seeds": 1, "chosen": chosen,
+            "method": method + against, "failed": failed}
 
 
 def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str, paper_protocol: bool = False) -> dict[str, Any]:
@@ -218,6 +251,10 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str, paper_
     if m is None:
         return not_run_row(claim, f"no {claim.table} measurement in this run (part {claim.part})")
     notes = [m["method"]]
+    off = preconditions.other_dataset(claim, tables)
+    if off:  # a claim about another dataset's numbers says nothing about this run's
+        notes.insert(0, f"not judged: the claim is about {off[0]}, and this run trained on {off[1]} "
+                        "(dataset precondition)")  # fmt: skip
     if m["chosen"].get("transform") == "composite":
         notes.append("affNIST-style composite set, not affNIST (set affine.affnist_path for the real test set)")
     if not (preset == "full" or paper_protocol) and claim.value != "params":

@@ -12,6 +12,8 @@ A precondition is an inline table ``{ key = KIND, table = TABLE, ...parameters }
   images (steps x batch_size), for parts that train their own models (MultiMNIST).
 - ``dataset`` (``name``, a registered dataset): every compared model was trained and tested on it,
   so a claim about MNIST is never judged on a Fashion-MNIST run (rows from before the column: MNIST).
+- ``iterations`` (``present``, a list of counts): every compared model has a row for each of these
+  routing-iteration counts (column ``iters``) in every seed, for the routing-iterations ablation.
 
 The rows read are the claim's own (``claim`` column = its id) where the table has a claim column
 (table1), else those of the claim's model and the model it is compared with (tables/models.csv).
@@ -36,9 +38,11 @@ class Kind:
 
     params: dict[str, type | tuple[type, ...]]
     columns: tuple[tuple[str, ...], ...]
-    test: Callable[[Any, dict[str, Any]], str]  # (row, params) -> "" if it holds, else why not
+    test: Callable[[Any, dict[str, Any]], str] | None  # (row, params) -> "" if it holds, else why not
     describe: Callable[[dict[str, Any]], str]
     optional: tuple[str, ...] = ()
+    # A test of the rows together instead (what is absent, not what a row says): (rows, params) -> why not each
+    rows_test: Callable[[pd.DataFrame, dict[str, Any]], list[str]] | None = None
 
 
 def _accuracy(row: Any, p: dict[str, Any]) -> str:
@@ -65,6 +69,21 @@ def _dataset(row: Any, p: dict[str, Any]) -> str:
     return "" if used == p["name"] else f"trained on {used}"
 
 
+def _iterations(rows: pd.DataFrame, p: dict[str, Any]) -> list[str]:
+    """Each (model, seed) of ``rows`` lacking one of the iteration counts ``present``."""
+    fails = []
+    rows = rows if "seed" in rows.columns else rows.assign(seed=0)
+    for (model, seed), g in rows.groupby(["model", "seed"], sort=False):
+        missing = [k for k in p["present"] if k not in set(g.iters)]
+        if missing:
+            fails.append(f"{model} seed {seed} lacks {', '.join(map(str, missing))} routing iterations")
+    return fails
+
+
+def _iterations_text(p: dict[str, Any]) -> str:
+    return f"routing iterations {', '.join(map(str, p['present']))} measured"
+
+
 def _protocol_text(p: dict[str, Any]) -> str:
     size = f" at {p['input_size']}x{p['input_size']}" if "input_size" in p else ""
     return f"trained with augment={p['augment']}{size}"
@@ -80,6 +99,7 @@ KINDS: dict[str, Kind] = {
     "images": Kind({"at_least": int}, (("steps",), ("batch_size",)), _images,
                    lambda p: f"at least {p['at_least']:,} training images"),
     "dataset": Kind({"name": str}, (("dataset",),), _dataset, lambda p: f"trained on {p['name']}"),
+    "iterations": Kind({"present": list}, (("iters",),), None, _iterations_text, rows_test=_iterations),
 }  # fmt: skip
 
 
@@ -119,6 +139,11 @@ def _parse_one(where: str, r: dict[str, Any], tables: dict[str, tuple[str, ...]]
             raise CapsbenchError(f"{where}: precondition {kind} has no parameter {p!r}; "
                                  f"its parameters: {', '.join(k.params) or 'none'}")  # fmt: skip
         tp = k.params[p]
+        if tp is list:  # iterations.present: counts
+            counts = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in v)
+            if not (counts and v):
+                raise CapsbenchError(f"{where}: {kind}.{p} must be a non-empty list of integers >= 1, got {v!r}")
+            continue
         fraction = tp == (float, int)
         if not isinstance(v, tp) or isinstance(v, bool) or (fraction and not 0 < v <= 1) or (tp is int and v < 0):
             want = "a fraction in (0, 1]" if fraction else "an integer >= 0" if tp is int else "a string"
@@ -156,13 +181,26 @@ def check(pre: Precondition, claim: Any, tables: dict[str, pd.DataFrame]) -> str
         absent = [m for m in [claim.model] + ([claim.minus] if claim.minus else []) if m not in set(rows.model)]
         if absent:
             return f"{pre.describe()}: no row for {absent[0]} in tables/{pre.table}.csv to check it on"
-    fails = []
-    for r in rows.itertuples():
-        why = KINDS[pre.kind].test(r, pre.params)
+    kind = KINDS[pre.kind]
+    fails = kind.rows_test(rows, pre.params) if kind.rows_test else []
+    for r in rows.itertuples() if kind.test else ():
+        why = kind.test(r, pre.params)
         if why:
             seed = f" seed {int(r.seed)}" if "seed" in rows.columns else ""
             fails.append(f"{r.model}{seed} {why}")
     return f"{pre.describe()}: " + "; ".join(fails) if fails else ""
+
+
+def other_dataset(claim: Any, tables: dict[str, pd.DataFrame]) -> tuple[str, str] | None:
+    """(the dataset a ``dataset`` precondition names, the other one the claim's rows were trained
+    on), or None when none names another: the claim is then not judged on this run."""
+    for pre in (p for p in claim.requires if p.kind == "dataset"):
+        rows = _rows(pre, claim, tables)
+        used = [] if rows is None else [getattr(r, "dataset", "mnist") for r in rows.itertuples()]
+        other = [u for u in used if u != pre.params["name"]]
+        if other:
+            return pre.params["name"], other[0]
+    return None
 
 
 def evaluate(claim: Any, tables: dict[str, pd.DataFrame]) -> tuple[list[str], list[str]]:

@@ -45,6 +45,7 @@ class RoutingHead(nn.Module):
 
     routes = True  # returns couplings c (B, N, C)
     has_parent_major = False  # has a CPU formulation on (B, C, N, D) votes (models/routing.py)
+    iterates = False  # uses spec.iters (routing_iters): the routing-iterations part varies only these
 
     def __init__(self, spec: HeadSpec) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ class DynamicHead(RoutingHead):
     ``routing_iters`` times; on a fp32 CPU the parent-major formulation (same function)."""
 
     has_parent_major = True
+    iterates = True
 
     def forward(self, u_hat: Tensor, u: Tensor, parent_major: bool = False) -> Routed:
         spec = self.spec

@@ -87,6 +87,8 @@ def em_routing(u_hat: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor, iter
 class EMHead(RoutingHead):
     """Gaussian parents fitted by EM to the votes; learned beta_u, beta_a per class (zeros)."""
 
+    iterates = True
+
     def __init__(self, spec: HeadSpec) -> None:
         super().__init__(spec)
         self.beta_u = nn.Parameter(torch.zeros(spec.num_classes))  # cost per dimension of a parent
