@@ -62,3 +62,21 @@ def test_a_warmup_as_long_as_the_run_is_refused():
 
     with pytest.raises(CapsbenchError, match=r"train.warmup_steps must be < steps \(100\), got 100"):
         train_config("smoke", steps=100, warmup_steps=100)
+
+
+@pytest.mark.parametrize(("eval_every", "due"), [(0, [10]), (5, [5, 10, 15, 20])])
+def test_training_evaluates_only_where_the_rules_read_it(eval_every, due):
+    """Epoch ends (10 steps here) at least an epoch before the last step (25), which final()
+    evaluates: the convergence rule never reads one closer to the end. With eval_every (the
+    stop rule) every one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from capsbench.train.tasks import MnistTask
+
+    images, labels = torch.zeros(320, 1, 28, 28, dtype=torch.uint8), torch.zeros(320, dtype=torch.long)
+    data = SimpleNamespace(train_x=images, train_y=labels, test_x=images[:8], test_y=labels[:8])
+    cfg = TrainConfig(steps=25, batch_size=32, eval_every=eval_every)
+    task = MnistTask(cfg, data, torch.device("cpu"))
+    assert [s for s in range(1, 26) if task.eval_due(s)] == due

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from capsbench.core.config import from_dict
+from capsbench.core.device import amp_dtype, dtype_label
 from capsbench.core.errors import CapsbenchError
 from capsbench.core.timing import count_macs, peak_memory_mb, summarize, time_fn
 from capsbench.models import BenchModel, ModelOutput, build_model
@@ -134,7 +135,9 @@ def test_throughput_part_end_to_end_leaves_weights_untouched():
     assert (df.samples_per_sec > 0).all() and (df.step_ms_iqr >= 0).all()
     assert np.allclose(df.samples_per_sec, df.batch_size / (df.step_ms_median / 1e3))
     assert df.peak_mem_mb.isna().all() and df.compile_s.isna().all() and not df["compile"].any()
-    assert (df.dtype == "fp32").all() and (df.repeats == 2).all() and (df.seed == 0).all()
+    train_dtype = dtype_label(amp_dtype(CPU, "auto", training=True))  # bf16 where the CPU has bf16 instructions
+    assert (df.dtype == df["mode"].map({"train": train_dtype, "inference": "fp32"})).all()
+    assert (df.repeats == 2).all() and (df.seed == 0).all()
     caps, cnn = df[df.model == "capsnet"], df[df.model == "tiny-cnn"]
     assert (caps.routing_iters == 3).all() and cnn.routing_iters.isna().all()
     assert (cnn.macs_per_sample == 28 * 28 * 4 * 9 + 4 * 49 * 10).all()  # conv + FC, per image

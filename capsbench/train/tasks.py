@@ -125,8 +125,8 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
 class MnistTask(Task):
     """Classification of the config's dataset (MNIST unless train.dataset is set): the images on the
     device, batches by index in each epoch's order, augmentation drawn from a device generator (saved
-    in checkpoints with the global RNG, for dropout), the config's lr schedule, test accuracy at each
-    epoch's end and after the run."""
+    in checkpoints with the global RNG, for dropout), the config's lr schedule, test accuracy at the
+    ends of epochs (those the convergence rule can read, see eval_due) and after the run."""
 
     def __init__(self, cfg: TrainConfig, data: Any, device: torch.device) -> None:
         train_dtype = amp_dtype(device, cfg.amp, training=True)
@@ -174,7 +174,13 @@ class MnistTask(Task):
         return evaluate(model, self.test_x, self.test_y, lambda xb: test_inputs(self.cfg, xb), batch_size, self.eval_dtype)
 
     def eval_due(self, step: int) -> bool:
-        return step % self.eval_steps == 0 and step < self.steps  # the last step has final()
+        """At every ``eval_every`` steps (the stop rule reads each), else at each epoch's end that is
+        at least an epoch before the last step: the convergence rule compares the final evaluation
+        (final()) with the latest an epoch or more before it, so a later one would be unused work
+        (at the quick preset's 500 steps, a 10,000-image evaluation at step 468)."""
+        if step % self.eval_steps or step >= self.steps:
+            return False
+        return bool(self.cfg.eval_every) or self.steps - step >= self.steps_per_epoch
 
     def evaluate(self, model: BenchModel, step: int, log: dict[str, Any]) -> Evaluation:
         acc, n = self.test_accuracy(model)
