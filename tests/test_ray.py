@@ -5,6 +5,7 @@ that fails for good named in one line, and bad input refused before anything is 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -65,19 +66,28 @@ def weights(path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
 
+# The parts a Ray run evaluates here, as Ray tasks: a table part and a figure part. Every part's
+# own code is the same function on either executor (run/evaluate.py's run_part) and is tested
+# end to end by the local runs; this test is about the executor.
+RAY_PARTS = ["affine", "capsules"]
+
+
 @pytest.mark.slow
 def test_ray_run_gives_the_local_run_s_tables(robustness_smoke, ray_instance, shared_cache, fresh_cache, tmp_path):
     out = tmp_path / "ray"
-    assert run("robustness", out, fresh_cache) == 0
+    assert run("robustness", out, fresh_cache, "--set", f"parts={json.dumps(RAY_PARTS)}") == 0
     local, remote = robustness_smoke / "tables", out / "tables"
-    names = sorted(p.name for p in local.glob("*.csv"))
-    assert names == sorted(p.name for p in remote.glob("*.csv")) and "adversarial.csv" in names
+    names = sorted(p.name for p in remote.glob("*.csv"))
+    assert {"affine.csv", "capsules_routing.csv", "clean.csv", "jobs.csv", "models.csv"} <= set(names)
+    assert "adversarial.csv" not in names
     for name in names:
         a, b = pd.read_csv(local / name), pd.read_csv(remote / name)
+        if name == "jobs.csv":  # the local run's jobs include the parts left out here
+            a = a[a.task.isin(set(b.task))].reset_index(drop=True)
         keep = [c for c in a.columns if c not in TIMING | {"from_cache"}]
         pd.testing.assert_frame_equal(a[keep], b[keep], check_exact=True, obj=name)
-    plots = [sorted(p.name for p in (folder / "plots").glob("*.png")) for folder in (robustness_smoke, out)]
-    assert plots[0] == plots[1] and plots[0]
+    plots = [{p.name for p in (folder / "plots").glob("*.png")} for folder in (robustness_smoke, out)]
+    assert plots[1] and plots[1] <= plots[0]
     models = pd.read_csv(remote / "models.csv")
     assert not models.from_cache.any()  # the Ray tasks trained them
     for key, model in zip(models.key, models.model):  # ... to the local run's weights
