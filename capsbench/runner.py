@@ -21,7 +21,7 @@ from capsbench.core.config import to_toml
 from capsbench.core.errors import CapsbenchError
 from capsbench.report.folder import check_out, new_run_folder, staged, write_figure, write_png, write_table
 from capsbench.report.summary import PAPER_GRADE
-from capsbench.run.evaluate import SeedRun
+from capsbench.run.evaluate import SeedRun, needs_training
 from capsbench.suite import Resolved, RunRequest, find_suite, read_suite
 
 
@@ -35,9 +35,12 @@ def print_plan(r: Resolved, seeds: list[int], where: str) -> None:
         quick = "  (a reduced protocol: not comparable to the paper's)"
     print(f"suite {r.name}: {r.description}")
     print(f"  preset {r.preset}{quick}; {where}; seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}")
-    print(f"  training on {t.dataset}: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
-          f"{f' (canvas {t.canvas}x{t.canvas})' if t.augment == 'canvas' else f' (+-{t.max_shift} px)' if t.augment == 'shift' else ''},"
-          f" input {t.input_size}x{t.input_size}")  # fmt: skip
+    if needs_training(r.parts):
+        print(f"  training on {t.dataset}: {t.steps} steps x batch {t.batch_size} per model, augment={t.augment}"
+              f"{f' (canvas {t.canvas}x{t.canvas})' if t.augment == 'canvas' else f' (+-{t.max_shift} px)' if t.augment == 'shift' else ''},"
+              f" input {t.input_size}x{t.input_size}")  # fmt: skip
+    else:  # e.g. viewpoints (its own 32x32 models per split), throughput (untrained weights)
+        print("  no models trained for the run itself: its parts train their own or time untrained weights")
     print(f"  models: {', '.join(r.models)}; parts: {', '.join(r.parts)}")
     for cid, why in r.skip_claims.items():
         print(f"  left out: claim {cid}: {why}")

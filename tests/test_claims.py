@@ -217,6 +217,12 @@ def test_unmeasured_claims_are_not_run_and_error_claims_use_the_error():
     claims = load_claims()
     row = claim_row(claims["multimnist-error"], {}, "full")
     assert row["verdict"] == "not run" and math.isnan(row["measured_mean"])
+    assert row["notes"] == "no multimnist measurement in this run (part multimnist)"
+    routing = pd.DataFrame([{"model": "capsnet", "head": "dynamic", "measure": "worst-case", "eps": 0.1, "n": 100,
+                             "correct": 60, "accuracy": 0.6, "seed": 0}])  # no capsnet-max-pool  # fmt: skip
+    row = claim_row(claims["routing-capsule-vs-pooling"], {"routing": routing}, "full")
+    assert row["verdict"] == "not run"
+    assert row["notes"] == "capsnet-max-pool not in this run's routing table (part routing): add it with --models"
     t1 = pd.DataFrame([{"claim": "mnist-error-r3-recon", "model": "capsnet", "accuracy": 0.9975, "error": 0.0025,
                         "n": 10000, "correct": 9975, "seed": 0, "converged": True, "convergence": "held"}])  # fmt: skip
     row = claim_row(claims["mnist-error-r3-recon"], {"table1": t1}, "full")

@@ -287,14 +287,16 @@ def test_a_missing_dataset_fails_in_one_line_naming_both_ways_to_get_it(tmp_path
         load_dataset("smallnorb", tmp_path)  # torchvision has no smallNORB: nothing to download
 
 
-def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
     def offline(root):
+        print("Downloading https://.../train-images-idx3-ubyte.gz")  # as torchvision does, to stdout
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://...")
 
     monkeypatch.setitem(DATASETS._items, "fashion-mnist", dataclasses.replace(DATASETS.get("fashion-mnist"), download=offline))
     with pytest.raises(CapsbenchError) as e:
         load_dataset("fashion-mnist", tmp_path)
     assert "\n" not in str(e.value) and "torchvision download: Error downloading train-images-idx3-ubyte.gz:" in str(e.value)
+    assert capsys.readouterr().out == ""  # torchvision's own lines stay off the output
 
 
 # ---- train.dataset: the cache key, the model options, the parts and the claims -------------------

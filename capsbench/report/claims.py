@@ -249,7 +249,7 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str, paper_
     row = {"claim": claim.id, "paper_value": claim.paper_value, "unit": claim.unit,
            "band": f"[{claim.band[0]:g}, {claim.band[1]:g}]"}  # fmt: skip
     if m is None:
-        return not_run_row(claim, f"no {claim.table} measurement in this run (part {claim.part})")
+        return not_run_row(claim, not_measured(claim, tables))
     notes = [m["method"]]
     off = preconditions.other_dataset(claim, tables)
     if off:  # a claim about another dataset's numbers says nothing about this run's
@@ -268,6 +268,19 @@ def claim_row(claim: Claim, tables: dict[str, pd.DataFrame], preset: str, paper_
         decided = "inconclusive"
     return {**row, "measured_mean": round(m["mean"], 6), "ci_low": round(m["ci_low"], 6), "ci_high": round(m["ci_high"], 6),
             "n_seeds": m["n_seeds"], "verdict": decided, "precondition": precondition, "notes": "; ".join(notes)}  # fmt: skip
+
+
+def not_measured(claim: Claim, tables: dict[str, pd.DataFrame]) -> str:
+    """Why a run has no measurement for ``claim``: its part did not run, or a model it compares
+    is not among the run's models, named with how to add it."""
+    df = tables.get(claim.table)
+    if df is None or df.empty or "model" not in df.columns:
+        return f"no {claim.table} measurement in this run (part {claim.part})"
+    absent = [m for m in (claim.model, claim.minus) if m and m not in set(df.model)]
+    if absent:
+        return (f"{' and '.join(absent)} not in this run's {claim.table} table (part {claim.part}): "
+                f"add {'them' if len(absent) > 1 else 'it'} with --models")  # fmt: skip
+    return f"no {claim.table} row for the claim's measure in this run (part {claim.part})"
 
 
 def not_run_row(claim: Claim, why: str) -> dict[str, Any]:

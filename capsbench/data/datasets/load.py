@@ -9,6 +9,8 @@ Offline, with neither a cache nor a folder, the error is one line that says both
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -98,9 +100,12 @@ def from_folder(spec: DatasetSpec, folder: Path, source: str) -> Dataset:
 
 
 def from_download(spec: DatasetSpec, root: Path) -> Dataset:
+    """torchvision's download of ``spec``. torchvision prints its URLs and failed attempts to
+    stdout; they are kept off the command's output (a failure ends in the caller's one line)."""
     if spec.download is None:
         raise CapsbenchError(f"torchvision does not distribute {spec.name}")
-    folder = spec.download(root / "torchvision")
+    with contextlib.redirect_stdout(io.StringIO()):
+        folder = spec.download(root / "torchvision")
     return from_folder(spec, folder, "torchvision")
 
 
