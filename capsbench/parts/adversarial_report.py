@@ -20,7 +20,7 @@ from capsbench.parts.adversarial_run import (
 )
 from capsbench.parts.base import Check, PartResult, RunContext
 from capsbench.parts.detection import detection_row, predict_and_error
-from capsbench.report.format import checks_footer, markdown_table
+from capsbench.report.format import checks_footer, interval_cell, markdown_table
 from capsbench.report.plots import accuracy_lines, example_grid
 from capsbench.report.stats import wilson_interval
 
@@ -220,8 +220,7 @@ def examples_figure(ctx: RunContext, cfg: AdversarialConfig):
 
 
 def ci(correct: int, n: int) -> str:
-    lo, hi = wilson_interval(correct, n)
-    return f"{100 * correct / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" if n else "-"
+    return interval_cell(correct / n, *wilson_interval(correct, n)) if n else "-"
 
 
 def eps_table(sub: pd.DataFrame, index: list[str], value: str = "correct", n: str = "n") -> str:

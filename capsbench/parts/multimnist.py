@@ -32,7 +32,7 @@ from capsbench.models.capsule import CapsuleModel
 from capsbench.models.losses import margin_loss
 from capsbench.models.scoring import batch_scores
 from capsbench.parts.base import Check, PartResult, RunContext, part
-from capsbench.report.format import checks_footer, markdown_table
+from capsbench.report.format import checks_footer, interval_cell, markdown_table
 from capsbench.report.plots import example_grid
 from capsbench.report.stats import wilson_interval
 from capsbench.train.cache import TrainedModel
@@ -339,7 +339,7 @@ def summary(df: pd.DataFrame, cfg: MultiMNISTConfig, skipped: list[str], checks:
     out = ["## MultiMNIST", "", protocol_note(cfg), ""]
     if len(df):
         bounds = zip(df.error, df.ci_low, df.ci_high)
-        cells = [f"{100 * e:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" for e, lo, hi in bounds]
+        cells = [interval_cell(*b) for b in bounds]
         shown = df.assign(error=cells)[["model", "error", "n", "steps", "train_seconds", "from_cache"]]
         out += [markdown_table(shown), ""]
     out += [f"- {note}" for note in skipped]

@@ -32,7 +32,7 @@ from capsbench.models.heads import HEADS
 from capsbench.parts.base import PartResult, RunContext, part
 from capsbench.parts.table1 import CHANCE_FACTOR
 from capsbench.parts.viewpoints_train import sample_images
-from capsbench.report.format import markdown_table
+from capsbench.report.format import interval_cell, markdown_table
 from capsbench.report.headline import Headline
 from capsbench.report.stats import newcombe_interval, wilson_interval
 from capsbench.train.cache import TrainedModel
@@ -216,7 +216,7 @@ def protocol_note(train: TrainConfig, cfg: RoutingIterationsConfig, n: int, tota
 
 def summary(df: pd.DataFrame, train: TrainConfig, cfg: RoutingIterationsConfig, total: int) -> str:
     out = ["## Routing iterations (the EM ablation)", "", protocol_note(train, cfg, int(df.n.iloc[0]), total), ""]
-    cells = [f"{e:.2f}% [{lo:.2f}, {hi:.2f}]" for e, lo, hi in zip(df.error_pct, df.error_low_pct, df.error_high_pct)]
+    cells = [interval_cell(*b, digits=2) for b in zip(df.error, df.error_low_pct / 100, df.error_high_pct / 100)]
     paper = [f"{PAPER_ERROR_PCT[k]:g}%" if k in PAPER_ERROR_PCT else "–" for k in df.iters]
     shown = df.assign(**{"test error": cells, "paper (smallNORB)": paper})
     out += [markdown_table(shown[["model", "seed", "iters", "test error", "paper (smallNORB)", "n", "steps",

@@ -28,7 +28,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from torch import Tensor
 
 from capsbench.core.config import PRECISION_ALIASES, Precision, opt
-from capsbench.core.device import describe
+from capsbench.core.device import describe, dtype_label
 from capsbench.core.errors import CapsbenchError
 from capsbench.core.timing import synchronize
 from capsbench.models import BenchModel, build_model, model_options
@@ -235,7 +235,7 @@ def run_tta(ctx: RunContext, cfg: TimeToAccuracyConfig) -> PartResult:
     if ctx.data is None:
         raise CapsbenchError("the tta part needs the MNIST training set; run it through `python -m capsbench run`")
     tr, task, options = make_trainer(ctx, cfg)
-    info = {"device": describe(ctx.device), "dtype": "bf16" if task.dtype is torch.bfloat16 else "fp32",
+    info = {"device": describe(ctx.device), "dtype": dtype_label(task.dtype),
             "compile_s": warm_up(tr, task, cfg), "train_n": len(task.train_x)}  # fmt: skip
     curve, results = [], []
     for i in range(cfg.repeats):

@@ -32,7 +32,7 @@ from capsbench.parts.viewpoints_train import (
     eval_inputs,
     sample_images,
 )
-from capsbench.report.format import checks_footer, markdown_table
+from capsbench.report.format import checks_footer, interval_cell, markdown_table
 from capsbench.report.headline import Headline
 from capsbench.report.stats import wilson_interval
 from capsbench.train.cache import TrainedModel
@@ -227,7 +227,7 @@ def summary(df: pd.DataFrame, cfg: ViewpointsConfig, skipped: list[str], checks:
     out = ["## Novel viewpoints (smallNORB)", "", protocol_note(cfg), ""]
     if len(df):
         bounds = zip(df.accuracy, df.ci_low, df.ci_high)
-        cells = [f"{100 * a:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" for a, lo, hi in bounds]
+        cells = [interval_cell(*b) for b in bounds]
         shown = df.assign(accuracy=cells)[["split", "model", "viewpoints", "accuracy", "n", "steps", "reached",
                                            "from_cache"]]  # fmt: skip
         out += [markdown_table(shown), ""]

@@ -24,10 +24,14 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def interval_cell(value: float, lo: float, hi: float, digits: int = 1) -> str:
+    """'97.3% [96.1, 98.2]': a fraction and its interval bounds (fractions) as percentages."""
+    return f"{100 * value:.{digits}f}% [{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]"
+
+
 def format_accuracy(acc: float, n: int) -> str:
     """'97.3% [96.1, 98.2] (n=1000)': accuracy with its 95% Wilson interval."""
-    lo, hi = wilson_interval(acc * n, n)
-    return f"{100 * acc:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})"
+    return f"{interval_cell(acc, *wilson_interval(acc * n, n))} (n={n})"
 
 
 def accuracy_cell(values: list[tuple[float, int]]) -> str:
