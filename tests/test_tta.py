@@ -243,14 +243,10 @@ def test_suite_file_resolves_for_every_preset(preset):
 
 
 @pytest.fixture(scope="module")
-def mnist_cache(tmp_path_factory):
-    from capsbench.data.mnist import cache_dir
-
-    user = cache_dir() / "mnist.pt"
-    if not user.exists():
-        pytest.skip("MNIST is not cached here (python -m capsbench data fetch)")
+def mnist_cache(shared_cache, tmp_path_factory):
+    """A cache of this module's own holding the session's real MNIST (tests/conftest.py)."""
     root = tmp_path_factory.mktemp("cache")
-    shutil.copy(user, root / "mnist.pt")
+    shutil.copy(shared_cache / "mnist.pt", root / "mnist.pt")
     return root
 
 
